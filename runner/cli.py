@@ -1,0 +1,176 @@
+"""The `runner` command line: train one trial, evaluate, sweep, promote, report.
+
+Every user mistake surfaces as one line on stderr and exit code 2 (click's own usage errors too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import click
+
+from runner.config import TrialConfig, build, field_docs
+from runner.errors import UserError
+
+ALIASES = {"learning_rate": ["--lr"]}  # short forms people type
+
+
+class RunnerGroup(click.Group):
+    """Turns UserError into one clear line and exit code 2, wherever it is raised."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(UserError.exit_code)
+
+
+@click.group(cls=RunnerGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Sweep BLIP-2 LoRA fine-tuning on (medical) VQA with Ray Tune, tracked in MLflow."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # air-gapped users: no phoning home
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def trial_options(command):
+    """One `--option` per TrialConfig field, typed from its annotation, helped by its docstring."""
+    docs = field_docs(TrialConfig)
+    hints = typing.get_type_hints(TrialConfig)
+    for spec in reversed(fields(TrialConfig)):
+        annotation = hints[spec.name]
+        flag = "--" + spec.name.replace("_", "-")
+        optional = get_origin(annotation) in (typing.Union, types.UnionType)
+        inner = [a for a in get_args(annotation) if a is not type(None)] if optional else [annotation]
+        base = inner[0] if len(inner) == 1 else str
+        if get_origin(base) is typing.Literal:
+            kind: Any = click.Choice(get_args(base))
+        else:
+            kind = {int: int, float: float, bool: bool, str: str}.get(base, str)
+        names = [flag, *ALIASES.get(spec.name, [])]
+        if kind is bool:
+            names = [f"{flag}/--no-{flag[2:]}"]
+        help_text = f"{docs.get(spec.name, '')} [default: {spec.default}]"
+        command = click.option(*names, spec.name, type=kind, default=None, help=help_text)(command)
+    return command
+
+
+def given(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@main.command()
+@trial_options
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Where checkpoints go [default: runs/train-<time>].")
+@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="An epoch checkpoint directory of this same trial to continue from.")
+def train(output: Path | None, resume: Path | None, **options: Any) -> None:
+    """Train one trial (no Ray) and print per-epoch validation metrics."""
+    from runner.train import train_trial
+
+    config = build(TrialConfig, given(options), "command line")
+    output = output or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+
+    def show(metrics: dict[str, float], checkpoint: Path) -> None:
+        click.echo(
+            f"epoch {int(metrics['epoch'])}: loss {metrics['train_loss']:.4f} | val exact match "
+            f"{metrics['val_exact_match']:.3f} (shuffled images {metrics['val_shuffled_exact_match']:.3f}, "
+            f"majority answer {metrics['val_majority_exact_match']:.3f}) | closed acc "
+            f"{metrics['val_closed_accuracy']:.3f} | open recall {metrics['val_open_recall']:.3f} | "
+            f"BLEU-1 {metrics['val_bleu1']:.3f} | F1 {metrics['val_token_f1']:.3f} -> {checkpoint}"
+        )
+
+    result = train_trial(config, output, report=show, resume_from=resume)
+    best = max(result.history, key=lambda m: m["val_exact_match"])
+    click.echo(f"best epoch {int(best['epoch'])}: val exact match {best['val_exact_match']:.3f}; "
+               f"checkpoints in {output}")
+
+
+@main.command("eval")
+@trial_options
+@click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
+              help="A checkpoint (epoch-NNN) or adapter directory; omit to score the bare model.")
+@click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True)
+@click.option("--predictions", type=click.Path(path_type=Path), default=None,
+              help="Write per-question predictions here (.jsonl or .csv).")
+def evaluate_command(adapter: Path | None, split: str, predictions: Path | None, **options: Any) -> None:
+    """Score an adapter (or the bare model) on a split; print metrics, save per-question predictions."""
+    from runner.evaluate import checkpoint_config, score_adapter, write_predictions
+
+    result = score_adapter(checkpoint_config(adapter, given(options)), adapter, split)
+    if predictions is not None:
+        write_predictions(result.rows, predictions)
+        click.echo(f"predictions: {predictions}")
+    click.echo(json.dumps(result.scores, indent=2))
+
+
+@main.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--address", default=None, help="Join an existing Ray cluster (`auto`, or host:port); "
+              "default: start a local one.")
+@click.option("--resume", is_flag=True, help="Continue the sweep of this name from its saved state.")
+@click.option("--no-promote", is_flag=True, help="Skip the test-split evaluation and promotion at the end.")
+def tune(space: Path, overrides: tuple[str, ...], address: str | None, resume: bool, no_promote: bool) -> None:
+    """Run the sweep in SPACE (a search_spaces/*.yaml); OVERRIDES are key=value or trial.key=value."""
+    from runner.config import load_sweep
+    from runner.report import trials_table
+    from runner.sweep import run_sweep
+
+    config = load_sweep(space, list(overrides))
+    command = " ".join(["runner", "tune", str(space), *overrides] + (["--resume"] if resume else []))
+    outcome = run_sweep(config, address=address, resume=resume, command=command)
+    click.echo(trials_table(outcome.results, config))
+    if config.promote and not no_promote:
+        promote_sweep(config)
+    click.echo(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri or default_store()} "
+               f"--host 127.0.0.1  (sweep run {outcome.sweep_run_id})")
+
+
+@main.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+def promote(space: Path, overrides: tuple[str, ...]) -> None:
+    """Promote the best trial of the sweep in SPACE (safe to run again)."""
+    from runner.config import load_sweep
+
+    promote_sweep(load_sweep(space, list(overrides)))
+
+
+def promote_sweep(config) -> None:
+    from runner.promote import promote as promote_best
+    from runner.tracking import Tracker, sweep_state_file
+
+    state_file = sweep_state_file(config.storage, config.name)
+    if not state_file.exists():
+        raise UserError(f"name: no sweep named {config.name!r} in {config.storage}")
+    state = json.loads(state_file.read_text())
+    tracker = Tracker(state["tracking_uri"], state["experiment"])
+    outcome = promote_best(tracker, sweep_run_id=state["sweep_run_id"], metric=config.metric, mode=config.mode,
+                           model_name=config.registered_model, lock_path=state_file.with_name("promote.lock"),
+                           test_max_examples=config.test_max_examples)
+    click.echo(f"promotion: {outcome.message}")
+    click.echo(f"registered model: models:/{config.registered_model}/{outcome.version} "
+               f"(champion: models:/{config.registered_model}@champion)")
+
+
+def default_store() -> str:
+    from runner.tracking import default_tracking_uri
+
+    return default_tracking_uri()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

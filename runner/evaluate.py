@@ -1,0 +1,184 @@
+"""Scoring a model on a split: image features once per image, batched greedy generation, metrics.
+
+Used by training-time validation, `runner eval` and promotion, so a number means the same thing
+everywhere. Every evaluation also scores a shuffled-image control (each question paired with another
+question's image): accuracy that survives shuffling was learned from the question, not the image.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from runner import metrics
+from runner.config import TrialConfig, build
+from runner.errors import UserError
+from runner.model import (
+    compute_dtype, encode_prompts, image_features, image_token_id, load_blip2, resolve_device, text_embeddings,
+)
+from tasks import get_task
+from tasks.base import Example, Task
+
+log = logging.getLogger(__name__)
+
+# Greedy decoding, fixed: the same settings in validation, test, eval stages and promotion.
+DECODING = {"do_sample": False, "num_beams": 1}
+CONTROL_SEED = 1234
+
+
+@dataclass
+class ImageFeatures:
+    """Frozen image-path outputs for a set of images, one row per image key."""
+
+    index: dict[str, int]
+    values: torch.Tensor  # [n_images, num_query_tokens, d_model]
+
+    def lookup(self, keys: list[str]) -> torch.Tensor:
+        return self.values[[self.index[key] for key in keys]]
+
+
+def compute_image_features(
+    model, processor, images: dict[str, Image.Image], device: torch.device, dtype: torch.dtype, batch_size: int = 32
+) -> ImageFeatures:
+    """Run each image once through the frozen ViT + Q-Former + projection."""
+    keys = sorted(images)
+    chunks = []
+    for start in tqdm(range(0, len(keys), batch_size), desc="image features", leave=False, disable=None):
+        batch = [images[key] for key in keys[start : start + batch_size]]
+        pixels = processor.image_processor(batch, return_tensors="pt")["pixel_values"].to(device, dtype)
+        chunks.append(image_features(model, pixels))
+    values = torch.cat(chunks) if chunks else torch.empty(0)
+    return ImageFeatures(index={key: i for i, key in enumerate(keys)}, values=values)
+
+
+@torch.no_grad()
+def generate(
+    model, processor, task: Task, examples: list[Example], image_keys: list[str], features: ImageFeatures,
+    *, batch_size: int, max_new_tokens: int, exemplar: Example | None = None,
+) -> list[str]:
+    """Greedy answers for `examples`, each shown the image named in `image_keys`."""
+    device = features.values.device
+    image_token = image_token_id(processor)
+    answers: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        encoded = encode_prompts(processor, [task.prompt(ex.question, exemplar) for ex in batch], device)
+        embeds = text_embeddings(model, encoded["input_ids"], features.lookup(image_keys[start : start + batch_size]), image_token)
+        output = model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=encoded["attention_mask"], max_new_tokens=max_new_tokens, **DECODING
+        )
+        answers.extend(text.strip() for text in processor.tokenizer.batch_decode(output, skip_special_tokens=True))
+    return answers
+
+
+def evaluate(
+    model, processor, task: Task, examples: list[Example], features: ImageFeatures,
+    *, batch_size: int, max_new_tokens: int, exemplar: Example | None = None, control: bool = True,
+) -> tuple[dict[str, float], list[dict]]:
+    """Metrics (see runner.metrics.METRIC_NAMES) plus `shuffled_exact_match`, and per-question rows."""
+    kwargs = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, exemplar=exemplar)
+    own = [ex.image_key for ex in examples]
+    predictions = generate(model, processor, task, examples, own, features, **kwargs)
+    references = [task.normalize_answer(ex.answer) for ex in examples]
+    closed = [task.is_closed(ex.answer) for ex in examples]
+    scores = metrics.score(predictions, references, closed)
+    rows = [
+        {"question": ex.question, "answer": ref, "prediction": pred, "closed": is_closed, "image_key": ex.image_key}
+        for ex, ref, pred, is_closed in zip(examples, references, predictions, closed)
+    ]
+    if control:
+        control_predictions = generate(model, processor, task, examples, shuffled_images(own), features, **kwargs)
+        scores["shuffled_exact_match"] = metrics.score(control_predictions, references, closed)["exact_match"]
+        for row, prediction in zip(rows, control_predictions):
+            row["shuffled_prediction"] = prediction
+    return scores, rows
+
+
+def shuffled_images(keys: list[str]) -> list[str]:
+    """Replace every image by a different one: a seeded single cycle over the distinct images."""
+    distinct = sorted(set(keys))
+    random.Random(CONTROL_SEED).shuffle(distinct)
+    other = {key: distinct[(i + 1) % len(distinct)] for i, key in enumerate(distinct)}
+    return [other[key] for key in keys]
+
+
+def draw_samples(examples: list[Example], n: int | None, seed: int, what: str) -> list[Example]:
+    """A seeded random subset (not the first n: files are often sorted by image or question type)."""
+    if n is None:
+        return list(examples)
+    if n > len(examples):
+        raise UserError(f"{what}: {n} is larger than the split ({len(examples)} questions)")
+    return random.Random(seed).sample(examples, n)
+
+
+def majority_exact_match(train_answers: list[str], references: list[str]) -> float:
+    """Exact match of always answering the most common training answer: the floor to beat."""
+    majority = Counter(train_answers).most_common(1)[0][0]
+    return sum(ref == majority for ref in references) / len(references)
+
+
+def checkpoint_config(adapter: Path | None, overrides: dict) -> TrialConfig:
+    """The trial's own config when `adapter` is an epoch checkpoint, updated by explicit overrides."""
+    from runner.train import CONFIG_FILE
+
+    saved = {}
+    if adapter is not None and (adapter / CONFIG_FILE).exists():
+        saved = json.loads((adapter / CONFIG_FILE).read_text())
+    return build(TrialConfig, {**saved, **overrides}, str(adapter / CONFIG_FILE) if saved else "command line")
+
+
+@dataclass
+class Evaluation:
+    scores: dict[str, float]
+    rows: list[dict]
+    fingerprint: str  # of the whole split scored (see tasks.base.Split)
+
+
+def score_adapter(config: TrialConfig, adapter: Path | None, split: str,
+                  save_processor: Path | None = None) -> Evaluation:
+    """Score an adapter (epoch checkpoint or PEFT adapter directory) or the bare model on a split."""
+    from peft import PeftModel
+
+    from runner.train import ADAPTER_DIR
+
+    device = resolve_device(config.device)
+    task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
+                    val_fraction=config.val_fraction, seed=config.seed)
+    data = task.load_split(split)
+    n = min(config.max_eval_examples or len(data.examples), len(data.examples))
+    examples = draw_samples(data.examples, n, config.seed, "max_eval_examples")
+    model, processor = load_blip2(config.model, config.precision, device, config.model_revision)
+    needed = {ex.image_key for ex in examples}
+    features = compute_image_features(model, processor, {k: v for k, v in data.images.items() if k in needed},
+                                      device, compute_dtype(config.precision, device), config.eval_batch_size)
+    if adapter is not None:
+        adapter_dir = adapter / ADAPTER_DIR if (adapter / ADAPTER_DIR).is_dir() else adapter
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise UserError(f"adapter: {adapter} holds no PEFT adapter (adapter_config.json)")
+        PeftModel.from_pretrained(model, adapter_dir)  # injects LoRA into model.language_model in place
+    if save_processor is not None:
+        processor.save_pretrained(save_processor)
+    scores, rows = evaluate(model, processor, task, examples, features,
+                            batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
+    return Evaluation(scores, rows, data.fingerprint)
+
+
+def write_predictions(rows: list[dict], path: Path) -> None:
+    """Per-question predictions as JSON lines or CSV (by the file's suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -1,0 +1,201 @@
+"""Loading BLIP-2 (Flan-T5) at one precision, adding LoRA, and the frozen image path.
+
+The real `Salesforce/blip2-flan-t5-xl` and the offline tiny model (`tiny`, see runner/tiny.py) go
+through the same `from_pretrained` code; only the name resolves differently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+from runner.config import Precision
+from runner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL = "tiny"
+LORA_TARGETS = ["q", "v"]  # Flan-T5 attention only (the Q-Former uses query/value, the ViT qkv)
+
+
+def cache_dir() -> Path:
+    """Where built artifacts (the tiny model, image features) are kept between runs."""
+    return Path(os.environ.get("RUNNER_CACHE", Path.home() / ".cache" / "blip2-lora-runner"))
+
+
+def resolve_model(name: str) -> str:
+    """`tiny` → the tiny model's directory (built once, deterministically); anything else as given."""
+    if name != TINY_MODEL:
+        return name
+    from runner.tiny import TINY_VERSION, build_tiny_blip2
+
+    path = cache_dir() / f"tiny-blip2-{TINY_VERSION}"
+    if not (path / "config.json").exists():
+        log.info("building the offline tiny BLIP-2 into %s (once)", path)
+        build_tiny_blip2(path)
+    return str(path)
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: 'cuda' requested but no CUDA device is visible")
+    return torch.device(requested)
+
+
+def compute_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    """The dtype of the non-quantised weights and of the activations.
+
+    int8/nf4: bf16 where the card has it; otherwise fp32, because Flan-T5 overflows to NaN under fp16
+    activations and a T4 (sm_75) has no native bf16 — the int8 matmuls still run in int8.
+    """
+    if precision in ("int8", "nf4"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def check_precision(precision: Precision, device: torch.device) -> None:
+    """Refuse combinations that cannot work before anything is loaded."""
+    if precision in ("int8", "nf4") and device.type != "cuda":
+        raise UserError(
+            f"precision: {precision} needs a CUDA GPU (bitsandbytes); on {device.type} use fp32 or bf16"
+        )
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("precision: fp16 needs a CUDA GPU; on CPU use fp32 or bf16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"precision: bf16 is not supported natively by {torch.cuda.get_device_name(device)}; "
+            "use int8 (default) or fp32"
+        )
+
+
+def load_blip2(
+    name: str, precision: Precision, device: torch.device, revision: str | None = None
+) -> tuple[Blip2ForConditionalGeneration, Blip2Processor]:
+    """Load model + processor by hub id or local directory at `precision` on `device`."""
+    check_precision(precision, device)
+    path = resolve_model(name)
+    if Path(path).is_absolute() or path.startswith("."):
+        if not (Path(path) / "config.json").exists():
+            raise UserError(f"model: {path} is not a saved BLIP-2 directory (no config.json)")
+    dtype = compute_dtype(precision, device)
+    kwargs: dict = {"dtype": dtype, "revision": revision}
+    if precision in ("int8", "nf4"):
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if precision == "int8"
+            else BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            )
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
+        processor = Blip2Processor.from_pretrained(path, revision=revision)
+    except OSError as error:
+        raise UserError(f"model: cannot load {name!r}: {error}") from error
+    if precision not in ("int8", "nf4"):
+        model.to(device)
+    model.eval()
+    check_image_tokens(model, processor, name)
+    return model, processor
+
+
+def check_image_tokens(model: Blip2ForConditionalGeneration, processor: Blip2Processor, name: str) -> None:
+    """The processor must insert exactly the image tokens the model scatters its features into."""
+    expected = model.config.num_query_tokens
+    if processor.num_query_tokens != expected:
+        raise UserError(
+            f"model: {name}: processor inserts {processor.num_query_tokens} image tokens but the model "
+            f"has {expected} query tokens (save the processor with num_query_tokens={expected})"
+        )
+    token_id = image_token_id(processor)
+    if token_id != model.config.image_token_index:
+        raise UserError(
+            f"model: {name}: the processor's image token has id {token_id} but the model expects "
+            f"image_token_index={model.config.image_token_index}"
+        )
+
+
+def image_token_id(processor: Blip2Processor) -> int:
+    token = processor.image_token
+    return processor.tokenizer.convert_tokens_to_ids(getattr(token, "content", token))
+
+
+def add_lora(
+    model: Blip2ForConditionalGeneration,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    quantized: bool,
+    gradient_checkpointing: bool,
+):
+    """Freeze everything, then add trainable LoRA adapters to the Flan-T5 attention q and v."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    for parameter in model.parameters():
+        parameter.requires_grad = False
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.language_model.gradient_checkpointing_enable()
+    lora = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none"
+    )
+    peft_model = get_peft_model(model, lora)
+    outside = [n for n, p in peft_model.named_parameters() if p.requires_grad and "language_model" not in n]
+    if outside:  # the image-feature cache is only valid if the image path stays frozen
+        raise RuntimeError(f"LoRA reached beyond the language model: {outside[:3]}")
+    return peft_model
+
+
+@torch.no_grad()
+def image_features(model: Blip2ForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The frozen image path: ViT → Q-Former(query tokens) → projection, [batch, queries, d_model].
+
+    Written out with the sub-modules (not `get_image_features`) because its return type changed
+    between transformers 5.17 (our GPU host) and 5.24.
+    """
+    vision = model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+    attention = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
+    queries = model.query_tokens.expand(vision.shape[0], -1, -1)
+    query_output = model.qformer(
+        query_embeds=queries, encoder_hidden_states=vision, encoder_attention_mask=attention, return_dict=True
+    ).last_hidden_state
+    # The Q-Former is kept in fp32; cast back to the vision dtype as transformers does.
+    return model.language_projection(query_output.to(vision.dtype))
+
+
+def encode_prompts(processor: Blip2Processor, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """Tokenise a batch of prompts (one call) with the image tokens in front, as the processor lays them out."""
+    batch = processor.tokenizer(prompts, padding=True, return_tensors="pt")
+    n = processor.num_query_tokens
+    image_ids = torch.full((len(prompts), n), image_token_id(processor), dtype=torch.long)
+    return {
+        "input_ids": torch.cat([image_ids, batch["input_ids"]], dim=1).to(device),
+        "attention_mask": torch.cat([torch.ones_like(image_ids), batch["attention_mask"]], dim=1).to(device),
+    }
+
+
+def encode_answers(processor: Blip2Processor, answers: list[str], device: torch.device) -> torch.Tensor:
+    """T5 decoder targets: the answer tokens (+ eos), padding masked with -100 so it is not learned."""
+    labels = processor.tokenizer(answers, padding=True, return_tensors="pt")["input_ids"]
+    labels[labels == processor.tokenizer.pad_token_id] = -100
+    return labels.to(device)
+
+
+def text_embeddings(
+    model: Blip2ForConditionalGeneration, input_ids: torch.Tensor, features: torch.Tensor, image_token: int
+) -> torch.Tensor:
+    """Embed the prompt and put each question's image features at its image-token positions."""
+    embeddings = model.language_model.get_input_embeddings()(input_ids)
+    mask = (input_ids == image_token).unsqueeze(-1).expand_as(embeddings)
+    return embeddings.masked_scatter(mask, features.to(embeddings.dtype))

@@ -1,0 +1,65 @@
+"""The registered model: an MLflow pyfunc whose artifacts are the PEFT adapter and the processor.
+
+The base model is named (hub id or local path + revision + precision), not copied: BLIP-2 is 4 B
+parameters and `mlflow.transformers` would save all of it per version (mlflow issue 22020).
+`mlflow.pyfunc.load_model("models:/<name>@champion").predict(df)` takes a DataFrame with columns
+`image` (a path or bytes) and `question`, and returns one answer per row.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+import mlflow.pyfunc
+
+
+def pip_requirements() -> list[str]:
+    """The packages a loader needs, at the versions this process runs (no slow inference by MLflow)."""
+    names = ["torch", "transformers", "peft", "mlflow", "pillow", "blip2-lora-runner"]
+    pinned = []
+    for name in names:
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+class Blip2LoraModel(mlflow.pyfunc.PythonModel):
+    """BLIP-2 + LoRA adapter answering questions about images."""
+
+    def load_context(self, context) -> None:
+        from peft import PeftModel
+        from transformers import Blip2Processor
+
+        from runner.config import TrialConfig
+        from runner.model import check_image_tokens, compute_dtype, load_blip2, resolve_device
+        from tasks import get_task
+
+        settings = context.model_config
+        self.trial = TrialConfig(**settings["trial"])
+        self.device = resolve_device(self.trial.device)
+        self.dtype = compute_dtype(self.trial.precision, self.device)
+        model, _ = load_blip2(settings["base_model"], settings["precision"], self.device,
+                              settings.get("base_model_revision"))
+        self.processor = Blip2Processor.from_pretrained(context.artifacts["processor"])
+        check_image_tokens(model, self.processor, settings["base_model"])
+        PeftModel.from_pretrained(model, context.artifacts["adapter"])
+        self.model = model.eval()
+        self.task = get_task(self.trial.task, data=self.trial.data)
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        from runner.evaluate import compute_image_features, generate
+        from tasks.base import Example, decode_image, image_key
+
+        images, examples = {}, []
+        for row, (image, question) in enumerate(zip(model_input["image"], model_input["question"])):
+            picture = decode_image(image, f"input row {row}")
+            key = image_key(picture)
+            images[key] = picture
+            examples.append(Example(image_key=key, question=str(question), answer=""))
+        features = compute_image_features(self.model, self.processor, images, self.device, self.dtype,
+                                          self.trial.eval_batch_size)
+        return generate(self.model, self.processor, self.task, examples, [ex.image_key for ex in examples],
+                        features, batch_size=self.trial.eval_batch_size,
+                        max_new_tokens=self.trial.max_new_tokens)

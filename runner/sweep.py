@@ -1,0 +1,196 @@
+"""The sweep: Ray Tune over the search space; each trial a Ray Train worker running `train_trial`.
+
+Ray 2.60 runs Train V2, which no longer accepts a `TorchTrainer` inside a `Tuner`; the supported shape
+(and ours) is a small Tune trial function (`run_trial`, 0.1 CPU, no GPU) that builds and fits a
+one-worker `TorchTrainer`; `TuneReportCallback` forwards the worker's per-epoch reports to Tune, so
+ASHA can stop a trial between epochs. MLflow logging hangs off the Tune driver (runner/tracking.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import train, tune
+
+from runner.config import SweepConfig, TrialConfig, build
+from runner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DRIVER_CPU = 0.1  # the Tune trial function only waits on its TorchTrainer (0 CPU is rejected by Tune)
+
+
+@dataclass
+class SweepOutcome:
+    sweep_run_id: str
+    results: Any  # ray.tune.ResultGrid
+    path: str
+
+
+def connect(address: str | None) -> dict[str, float]:
+    """Start a local Ray cluster (address None) or join one; return its resources."""
+    if address is None:
+        # A throwaway local cluster needs no token; a real cluster keeps Ray's token auth.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                     log_to_driver=True, include_dashboard=None)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from error
+    return ray.cluster_resources()
+
+
+def concurrency(config: SweepConfig, resources: dict[str, float]) -> int:
+    """How many trials fit at once: by GPU share, and by CPU (worker share + the trial driver's)."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    need = config.resources
+    if need.gpu > 0 and gpus < need.gpu:
+        raise UserError(f"resources.gpu: {need.gpu} GPU per trial requested but the cluster has {gpus:g} GPUs")
+    if cpus < need.cpu + DRIVER_CPU:
+        raise UserError(f"resources.cpu: {need.cpu} CPU per trial (+{DRIVER_CPU} for its driver) requested "
+                        f"but the cluster has {cpus:g} CPUs")
+    fit = math.floor(cpus / (need.cpu + DRIVER_CPU) + 1e-9)
+    if need.gpu > 0:
+        fit = min(fit, math.floor(gpus / need.gpu + 1e-9))
+    if config.max_concurrent_trials is not None:
+        fit = min(fit, config.max_concurrent_trials)
+    return max(1, fit)
+
+
+def tune_domain(domain: dict[str, Any]):
+    kind, values = next(iter(domain.items()))
+    if kind == "grid":
+        return tune.grid_search(values)
+    if kind == "choice":
+        return tune.choice(values)
+    return getattr(tune, kind)(*values)
+
+
+def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu: float, max_failures: int,
+              storage_path: str, sweep: str) -> None:
+    """Tune trial function: fit a one-worker TorchTrainer on this trial's config."""
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = build(TrialConfig, {**base, **sampled}, "trial")
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker_loop,
+        train_loop_config={"trial": config.to_dict(), "threads": max(1, int(cpu))},
+        scaling_config=train.ScalingConfig(num_workers=1, use_gpu=gpu > 0,
+                                           resources_per_worker={"CPU": cpu, **({"GPU": gpu} if gpu else {})}),
+        run_config=train.RunConfig(
+            name=f"{sweep}-{trial_id}",  # deterministic: a restored sweep resumes this Train run
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
+        ),
+    )
+    trainer.fit()
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """What the Ray Train worker runs: `train_trial`, resuming from Ray's latest checkpoint if any."""
+    import tempfile
+
+    import torch
+
+    from runner.train import train_trial
+
+    torch.set_num_threads(loop_config["threads"])  # unpinned threads thrash a shared CPU
+    config = TrialConfig(**loop_config["trial"])
+    checkpoint = train.get_checkpoint()
+    resume = None
+    if checkpoint is not None:
+        resume = Path(checkpoint.to_directory())
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        train.report(metrics, checkpoint=train.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    with tempfile.TemporaryDirectory(prefix="trial-") as output:
+        train_trial(config, Path(output), report=report, resume_from=resume)
+
+
+def make_scheduler(config: SweepConfig):
+    if config.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", max_t=config.trial.epochs, grace_period=config.scheduler.grace_period,
+                         reduction_factor=config.scheduler.reduction_factor)
+
+
+def build_tuner(config: SweepConfig, storage_path: str, callbacks: list, max_concurrent: int,
+                restore: bool) -> tune.Tuner:
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=config.trial.to_dict(), gpu=config.resources.gpu,
+                             cpu=config.resources.cpu, max_failures=config.max_failures,
+                             storage_path=storage_path, sweep=config.name),
+        {"cpu": DRIVER_CPU},
+    )
+    param_space = {key: tune_domain(domain) for key, domain in config.space.items()}
+    if restore:
+        return tune.Tuner.restore(str(Path(storage_path) / config.name), trainable=trainable,
+                                  param_space=param_space, resume_unfinished=True, resume_errored=False)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
+                                    num_samples=config.num_samples, max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=callbacks,
+                                  verbose=1, failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str) -> SweepOutcome:
+    """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
+    from runner.tracking import (
+        TrialRuns, Tracker, default_tracking_uri, save_sweep_state, sweep_state_file,
+    )
+
+    storage_path = config.storage
+    state_file = sweep_state_file(storage_path, config.name)
+    if resume and not state_file.exists():
+        raise UserError(f"--resume: no sweep named {config.name!r} in {storage_path}")
+    if not resume and state_file.exists():
+        raise UserError(f"name: a sweep {config.name!r} already exists in {storage_path}; "
+                        f"pass --resume to continue it or choose another name (name=...)")
+    tracking_uri = config.tracking_uri or default_tracking_uri()
+    tracker = Tracker(tracking_uri, config.experiment)  # fails fast (exit 2) on an unusable URI
+    resources = connect(address)
+    max_concurrent = concurrency(config, resources)
+    if resume:
+        import json
+
+        sweep_run_id = json.loads(state_file.read_text())["sweep_run_id"]
+        tracker.client.update_run(sweep_run_id, status="RUNNING")
+    else:
+        sweep_run_id = tracker.start_sweep(config.name, config_dict(config), command, tags={
+            "runner.task": config.trial.task, "runner.base_model": config.trial.model,
+            "runner.precision": config.trial.precision})
+        save_sweep_state(storage_path, config.name, {"sweep_run_id": sweep_run_id, "tracking_uri": tracking_uri,
+                                                      "experiment": config.experiment, "config": config_dict(config)})
+    log.info("sweep %s: up to %d trials at once on %s; MLflow run %s at %s", config.name, max_concurrent,
+             {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, sweep_run_id, tracking_uri)
+    callbacks = [TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
+                           config.trial.epochs)]
+    tuner = build_tuner(config, storage_path, callbacks, max_concurrent, restore=resume)
+    results = tuner.fit()
+    failed = sum(result.error is not None for result in results)
+    tracker.client.set_tag(sweep_run_id, "runner.failed_trials", str(failed))
+    tracker.client.set_terminated(sweep_run_id, "FINISHED")
+    return SweepOutcome(sweep_run_id=sweep_run_id, results=results, path=str(Path(storage_path) / config.name))
+
+
+def config_dict(config: SweepConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(config)
