@@ -276,6 +276,7 @@ def check_space(space: dict[str, Any], base: TrialConfig, source: str) -> dict[s
     if not isinstance(space, dict):
         raise UserError(f"{source}: space: expected a mapping of keys to domains")
     known = {f.name for f in fields(TrialConfig)}
+    checked: dict[str, dict[str, Any]] = {}
     for key, domain in space.items():
         where = f"{source}: space.{key}"
         if key not in known:
@@ -285,17 +286,15 @@ def check_space(space: dict[str, Any], base: TrialConfig, source: str) -> dict[s
         kind, values = next(iter(domain.items()))
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}.{kind}: expected a non-empty list")
-        if kind in ("grid", "choice"):
-            samples = values
-        else:
+        # Each value must make a valid trial; building one also converts it (YAML reads 1e-4 as text).
+        values = [getattr(build(TrialConfig, {**base.to_dict(), key: value}, where), key) for value in values]
+        if kind not in ("grid", "choice"):
             if len(values) != 2 or not values[0] < values[1]:
                 raise UserError(f"{where}.{kind}: expected [low, high] with low < high, got {values!r}")
             if kind.startswith("log") and values[0] <= 0:
                 raise UserError(f"{where}.{kind}: a log scale needs low > 0, got {values[0]!r}")
-            samples = values
-        for value in samples:
-            build(TrialConfig, {**{k: v for k, v in base.to_dict().items()}, key: value}, where)
-    return space
+        checked[key] = {kind: values}
+    return checked
 
 
 def load_sweep(path: Path, overrides: list[str] = ()) -> SweepConfig:

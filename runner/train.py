@@ -82,6 +82,8 @@ def train_trial(
     needed = {ex.image_key for ex in train_examples + val_examples}
     images = {key: img for split in (train_split, val_split) for key, img in split.images.items() if key in needed}
     features = compute_image_features(base, processor, images, device, dtype, batch_size=config.eval_batch_size)
+    memory = PeakMemory(device)
+    memory.mark("load_and_features")
 
     model = add_lora(base, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      quantized=config.precision in ("int8", "nf4"),
@@ -104,12 +106,14 @@ def train_trial(
         train_loss = train_epoch(model, base, processor, task, train_examples, features, optimizer, scheduler,
                                  config, epoch, device)
         elapsed = time.perf_counter() - started
+        memory.mark("train")
         scores, _ = evaluate(base, processor, task, val_examples, features,
                              batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
+        memory.mark("eval")
         epoch_metrics = {"epoch": float(epoch), "train_loss": train_loss,
                          "train_samples_per_second": len(train_examples) / elapsed,
                          **{f"val_{name}": value for name, value in scores.items()},
-                         "val_majority_exact_match": majority}
+                         "val_majority_exact_match": majority, **memory.peaks}
         result.history.append(epoch_metrics)
         checkpoint = save_checkpoint(output_dir / f"epoch-{epoch:03d}", model, optimizer, scheduler, config,
                                      epoch, result.history, fingerprints)
@@ -120,6 +124,21 @@ def train_trial(
         if report is not None:
             report(epoch_metrics, checkpoint)
     return result
+
+
+class PeakMemory:
+    """Peak GPU memory per phase (GiB), reported as `gpu_peak_gib_<phase>`; nothing on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        if self.device.type != "cuda":
+            return
+        torch.cuda.synchronize(self.device)
+        self.peaks[f"gpu_peak_gib_{phase}"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
 
 
 def warmup_then_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -396,9 +396,26 @@ def test_duplicates_dropped_and_counted(tmp_path: Path, caplog: pytest.LogCaptur
     assert "dropped 2 exact duplicate records" in caplog.text
 
 
-def test_easy_vqa_rejects_data() -> None:
-    with pytest.raises(UserError, match="data must not be set"):
-        get_task("easy_vqa", data="somewhere")
+def test_easy_vqa_reads_a_folder_in_the_package_layout(tmp_path: Path) -> None:
+    for split, colour in (("train", "red"), ("test", "blue")):
+        (tmp_path / split / "images").mkdir(parents=True)
+        for image_id in range(3):
+            Image.new("RGB", (8, 8), (image_id * 80, 0, 0)).save(tmp_path / split / "images" / f"{image_id}.png")
+        records = [[f"is there a {colour} shape?", "yes", i] for i in range(3)]
+        (tmp_path / split / "questions.json").write_text(json.dumps(records))
+    task = get_task("easy_vqa", data=str(tmp_path), val_fraction=0.34)
+    train, validation, test = (task.load_split(s) for s in ("train", "validation", "test"))
+    assert (len(train.examples), len(validation.examples), len(test.examples)) == (2, 1, 3)
+    assert test.examples[0].question == "is there a blue shape?"
+
+
+def test_easy_vqa_folder_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="questions.json not found"):
+        get_task("easy_vqa", data=str(tmp_path)).load_split("test")
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "questions.json").write_text(json.dumps([["what shape?", "circle", 7]]))
+    with pytest.raises(UserError, match=r"question 0 \(image 7\)"):
+        get_task("easy_vqa", data=str(tmp_path)).load_split("test")
 
 
 # --- easy_vqa -----------------------------------------------------------------------------------
