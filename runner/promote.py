@@ -114,14 +114,15 @@ def register(tracker: Tracker, run, checkpoint: Path, processor_dir: Path, trial
     """Log the adapter + processor as a pyfunc model in the trial's run and register a version of it."""
     import mlflow
 
-    from runner.registry import Blip2LoraModel, pip_requirements
+    from runner.registry import pip_requirements
     from runner.train import ADAPTER_DIR, DATA_FILE
 
     mlflow.set_tracking_uri(tracker.tracking_uri)
     train_fingerprint = json.loads((checkpoint / DATA_FILE).read_text())["train_fingerprint"]
     with mlflow.start_run(run_id=run.info.run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=Blip2LoraModel(),
+            # Model from code: loading it runs our source file, never unpickles an object.
+            name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"adapter": str(checkpoint / ADAPTER_DIR), "processor": str(processor_dir)},
             model_config={"base_model": trial.model, "base_model_revision": trial.model_revision,
                           "precision": trial.precision, "task": trial.task, "trial": trial.to_dict()},

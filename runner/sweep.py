@@ -137,14 +137,19 @@ def build_tuner(config: SweepConfig, storage_path: str, callbacks: list, max_con
         {"cpu": DRIVER_CPU},
     )
     param_space = {key: tune_domain(domain) for key, domain in config.space.items()}
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     if restore:
         return tune.Tuner.restore(str(Path(storage_path) / config.name), trainable=trainable,
                                   param_space=param_space, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
-                                    num_samples=config.num_samples, max_concurrent_trials=max_concurrent),
+        tune_config=tune.TuneConfig(
+            metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
+            num_samples=config.num_samples, max_concurrent_trials=max_concurrent,
+            # Seeded sampling: the same space file draws the same trials.
+            search_alg=BasicVariantGenerator(random_state=config.trial.seed)),
         run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=callbacks,
                                   verbose=1, failure_config=tune.FailureConfig(max_failures=0)),
     )
