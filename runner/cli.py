@@ -134,7 +134,7 @@ def tune(space: Path, overrides: tuple[str, ...], address: str | None, resume: b
     outcome = run_sweep(config, address=address, resume=resume, command=command)
     click.echo(trials_table(outcome.results, config))
     if config.promote and not no_promote:
-        promote_sweep(config)
+        promote_sweep(config, resources={"cpu": config.resources.cpu, "gpu": config.resources.gpu})
     click.echo(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri or default_store()} "
                f"--host 127.0.0.1  (sweep run {outcome.sweep_run_id})")
 
@@ -149,7 +149,7 @@ def promote(space: Path, overrides: tuple[str, ...]) -> None:
     promote_sweep(load_sweep(space, list(overrides)))
 
 
-def promote_sweep(config) -> None:
+def promote_sweep(config, resources: dict[str, float] | None = None) -> None:
     from runner.promote import promote as promote_best
     from runner.tracking import Tracker, sweep_state_file
 
@@ -160,7 +160,7 @@ def promote_sweep(config) -> None:
     tracker = Tracker(state["tracking_uri"], state["experiment"])
     outcome = promote_best(tracker, sweep_run_id=state["sweep_run_id"], metric=config.metric, mode=config.mode,
                            model_name=config.registered_model, lock_path=state_file.with_name("promote.lock"),
-                           test_max_examples=config.test_max_examples)
+                           test_max_examples=config.test_max_examples, resources=resources)
     click.echo(f"promotion: {outcome.message}")
     click.echo(f"registered model: models:/{config.registered_model}/{outcome.version} "
                f"(champion: models:/{config.registered_model}@champion)")

@@ -26,7 +26,7 @@ from runner.model import (
     compute_dtype, encode_prompts, image_features, image_token_id, load_blip2, resolve_device, text_embeddings,
 )
 from tasks import get_task
-from tasks.base import Example, Task
+from tasks.base import Example, Task, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def checkpoint_config(adapter: Path | None, overrides: dict) -> TrialConfig:
 class Evaluation:
     scores: dict[str, float]
     rows: list[dict]
-    fingerprint: str  # of the whole split scored (see tasks.base.Split)
+    fingerprint: str  # of the questions scored: equal only when two scores are comparable
 
 
 def score_adapter(config: TrialConfig, adapter: Path | None, split: str,
@@ -169,7 +169,7 @@ def score_adapter(config: TrialConfig, adapter: Path | None, split: str,
         processor.save_pretrained(save_processor)
     scores, rows = evaluate(model, processor, task, examples, features,
                             batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
-    return Evaluation(scores, rows, data.fingerprint)
+    return Evaluation(scores, rows, fingerprint(examples))
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:

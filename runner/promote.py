@@ -61,12 +61,17 @@ def promotion_lock(path: Path) -> Iterator[None]:
 
 
 def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, model_name: str,
-            lock_path: Path, test_max_examples: int | None) -> Promotion:
-    """Register the sweep's best trial (once) and move `champion` to it if it is better on test."""
+            lock_path: Path, test_max_examples: int | None, resources: dict[str, float] | None = None
+            ) -> Promotion:
+    """Register the sweep's best trial (once) and move `champion` to it if it is better on test.
+
+    With `resources` (and Ray connected) the test evaluation runs as a Ray task that asks for them,
+    so on a cluster it lands on a GPU worker; files travel through Ray, MLflow stays on the head.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from runner.evaluate import checkpoint_config, score_adapter
+    from runner.evaluate import checkpoint_config, write_predictions
 
     best = best_trial_run(tracker, sweep_run_id, metric, mode)
     test_metric_name = "test_" + metric.removeprefix("val_")
@@ -77,11 +82,14 @@ def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, mode
             version = existing[0]
         else:
             checkpoint = download_checkpoint(tracker.tracking_uri, best.info.run_id)
+            result, processor_files = run_test_evaluation(pack(checkpoint), test_max_examples, resources)
+            processor_dir = unpack(processor_files, Path(tempfile.mkdtemp(prefix="runner-processor-")))
             trial = checkpoint_config(checkpoint, {"max_eval_examples": test_max_examples})
-            processor_dir = Path(tempfile.mkdtemp(prefix="runner-processor-"))
-            result = score_adapter(trial, checkpoint, "test", save_processor=processor_dir)
             client.log_batch(best.info.run_id, metrics=[
                 mlflow.entities.Metric(f"test_{k}", float(v), 0, 0) for k, v in result.scores.items()])
+            predictions = processor_dir.parent / "test_predictions.jsonl"
+            write_predictions(result.rows, predictions)
+            client.log_artifact(best.info.run_id, str(predictions))
             version = register(tracker, best, checkpoint, processor_dir, trial, model_name, result.scores,
                                result.fingerprint, sweep_run_id)
         tags = version.tags
@@ -107,6 +115,39 @@ def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, mode
         client.set_registered_model_alias(model_name, ALIAS, version.version)
         return Promotion(version.version, best.info.run_id, ours, champion.version if champion else None, True,
                          f"{ALIAS} -> v{version.version} ({test_metric_name}={ours:.4f})")
+
+
+def pack(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def unpack(files: dict[str, bytes], directory: Path) -> Path:
+    for name, data in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    return directory
+
+
+def evaluate_checkpoint_files(files: dict[str, bytes], test_max_examples: int | None):
+    """Score a packed checkpoint on the test split; return the evaluation and the packed processor."""
+    from runner.evaluate import checkpoint_config, score_adapter
+
+    with tempfile.TemporaryDirectory(prefix="runner-test-") as scratch:
+        checkpoint = unpack(files, Path(scratch) / "checkpoint")
+        processor_dir = Path(scratch) / "processor"
+        trial = checkpoint_config(checkpoint, {"max_eval_examples": test_max_examples})
+        result = score_adapter(trial, checkpoint, "test", save_processor=processor_dir)
+        return result, pack(processor_dir)
+
+
+def run_test_evaluation(files: dict[str, bytes], test_max_examples: int | None,
+                        resources: dict[str, float] | None):
+    import ray
+
+    if resources is None or not ray.is_initialized():
+        return evaluate_checkpoint_files(files, test_max_examples)
+    task = ray.remote(evaluate_checkpoint_files).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
+    return ray.get(task.remote(files, test_max_examples))
 
 
 def register(tracker: Tracker, run, checkpoint: Path, processor_dir: Path, trial, model_name: str,

@@ -16,6 +16,8 @@ import logging
 import math
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +112,8 @@ class TrialRuns(tune.Callback):
     """Tune callback: one MLflow child run per trial, metrics per epoch once, best adapter, final status."""
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_run_id: str, metric: str, mode: str,
-                 epochs: int):
-        self.tracking_uri, self.experiment = tracking_uri, experiment
+                 epochs: int, storage: str):
+        self.tracking_uri, self.experiment, self.storage = tracking_uri, experiment, storage
         self.sweep_run_id, self.metric, self.mode, self.epochs = sweep_run_id, metric, mode, epochs
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
@@ -173,7 +175,8 @@ class TrialRuns(tune.Callback):
             value, result = best
             client.log_metric(run_id, f"best_{self.metric}", value, step=int(result["epoch"]))
             client.set_tag(run_id, "runner.best_epoch", str(int(result["epoch"])))
-            client.log_artifacts(run_id, result["checkpoint_path"], "checkpoint")
+            with local_copy(result["checkpoint_path"], self.storage) as checkpoint:
+                client.log_artifacts(run_id, str(checkpoint), "checkpoint")
         last_epoch = max(self._logged.get(run_id, {0}) or {0})
         status = "TERMINATED" if last_epoch >= self.epochs else "STOPPED_EARLY"
         client.set_tag(run_id, STATUS_TAG, status)
@@ -186,6 +189,20 @@ class TrialRuns(tune.Callback):
         client.set_tag(run_id, STATUS_TAG, "FAILED")
         client.set_tag(run_id, "runner.error", reason[:5000])
         client.set_terminated(run_id, "FAILED")
+
+
+@contextmanager
+def local_copy(path: str, storage: str) -> Iterator[Path]:
+    """A checkpoint directory in Ray's storage, on local disk (copied only when storage is remote)."""
+    if "://" not in storage:
+        yield Path(path)
+        return
+    import pyarrow.fs
+
+    filesystem, _ = pyarrow.fs.FileSystem.from_uri(storage)
+    with tempfile.TemporaryDirectory(prefix="runner-ckpt-") as target:
+        pyarrow.fs.copy_files(path, target, source_filesystem=filesystem)
+        yield Path(target)
 
 
 def trial_error(trial) -> str:

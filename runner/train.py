@@ -32,7 +32,7 @@ from runner.config import TrialConfig
 from runner.errors import UserError
 from runner.evaluate import ImageFeatures, compute_image_features, draw_samples, evaluate, majority_exact_match
 from runner.model import (
-    add_lora, compute_dtype, encode_answers, encode_prompts, image_token_id, load_blip2, resolve_device,
+    add_lora, check_precision, compute_dtype, encode_answers, encode_prompts, image_token_id, load_blip2, resolve_device,
     text_embeddings,
 )
 from tasks import get_task
@@ -63,6 +63,7 @@ def train_trial(
 ) -> TrialResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
+    check_precision(config.precision, device)  # before any data is read or memory taken
 
     task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
                     val_fraction=config.val_fraction, seed=config.seed)

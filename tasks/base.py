@@ -42,10 +42,15 @@ class Split:
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
-            digest = hashlib.sha256()
-            for ex in self.examples:
-                digest.update(f"{ex.image_key}\x1f{ex.question}\x1f{ex.answer}\x1e".encode())
-            self.fingerprint = digest.hexdigest()
+            self.fingerprint = fingerprint(self.examples)
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """sha256 over (image, question, answer) in order: equal fingerprints, equal questions."""
+    digest = hashlib.sha256()
+    for ex in examples:
+        digest.update(f"{ex.image_key}\x1f{ex.question}\x1f{ex.answer}\x1e".encode())
+    return digest.hexdigest()
 
 
 class Task(Protocol):

@@ -1,0 +1,139 @@
+"""The product's main job, end to end through the real CLI: a real local Ray cluster runs the
+quick-start sweep, a real MLflow store (SQLite in a temp folder) records it, the registry promotes.
+
+Three sweeps share one store, in order: a weak one (its champion is the bar), the quick-start (better:
+the alias moves), another weak one (worse: registered, alias stays).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import REPO, run_cli
+
+MODEL = "tiny-blip2-easy-vqa"
+WEAK = ["num_samples=1", "trial.epochs=1", "space={n_samples: {choice: [40]}}",
+        "trial.learning_rate=1e-4", "scheduler.type=none"]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweeps")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    (root / "mlruns").mkdir()
+    common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}"]
+    outputs = {}
+    for name, extra in (("weak", WEAK), ("quickstart", []), ("weak2", WEAK)):
+        result = run_cli("tune", "search_spaces/quickstart.yaml", f"name={name}", *common, *extra, cwd=REPO,
+                         timeout=1200)
+        assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
+        outputs[name] = result.stdout
+    return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs}
+
+
+def sweep_runs(store, name):
+    client = store["client"]
+    experiment = client.get_experiment_by_name("quickstart")
+    parent = client.search_runs([experiment.experiment_id], f"tags.`runner.sweep` = '{name}'")
+    assert len(parent) == 1
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    return parent[0], children
+
+
+def test_every_trial_is_a_child_run_with_its_reported_metrics(store):
+    parent, children = sweep_runs(store, "quickstart")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["space.lora_rank.choice"] == "[4, 8, 16]"
+    assert len(children) == 4
+    for run in children:
+        assert {"lora_rank", "learning_rate", "n_samples"} <= run.data.params.keys()
+        assert run.info.status == "FINISHED"
+        # The best epoch's checkpoint is an artifact; its metrics.json is what the worker reported.
+        reported = json.loads(Path(store["client"].download_artifacts(run.info.run_id, "checkpoint/metrics.json"))
+                              .read_text())
+        for epoch_metrics in reported:
+            epoch = int(epoch_metrics["epoch"])
+            for key in ("val_exact_match", "train_loss", "val_bleu1", "val_shuffled_exact_match"):
+                history = {m.step: m.value for m in store["client"].get_metric_history(run.info.run_id, key)}
+                assert history[epoch] == pytest.approx(epoch_metrics[key], rel=1e-12), (key, epoch)
+        steps = [m.step for m in store["client"].get_metric_history(run.info.run_id, "train_loss")]
+        assert len(steps) == len(set(steps))  # nothing logged twice
+
+
+def test_asha_stopped_a_trial_and_best_beats_worst(store):
+    _, children = sweep_runs(store, "quickstart")
+    statuses = [run.data.tags["runner.trial_status"] for run in children]
+    assert "STOPPED_EARLY" in statuses, statuses
+    best = [run.data.metrics["best_val_exact_match"] for run in children]
+    assert max(best) > min(best) + 0.05, best
+
+
+def test_champion_moves_only_for_a_better_model(store):
+    client = store["client"]
+    versions = {int(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
+    assert sorted(versions) == [1, 2, 3]
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == "2"  # the quick-start beat weak (v1); weak2 (v3) did not beat it
+    assert float(versions[2].tags["test_exact_match"]) > float(versions[1].tags["test_exact_match"])
+    assert float(versions[3].tags["test_exact_match"]) < float(versions[2].tags["test_exact_match"])
+    assert "does not beat champion" in store["stdout"]["weak2"]
+    lineage = versions[2].tags
+    quickstart, children = sweep_runs(store, "quickstart")
+    assert lineage["sweep_run_id"] == quickstart.info.run_id
+    assert lineage["trial_run_id"] in {run.info.run_id for run in children}
+    assert {"lora_rank", "learning_rate", "n_samples"} <= json.loads(lineage["trial_params"]).keys()
+    assert lineage["base_model"] == "tiny" and len(lineage["train_fingerprint"]) == 64
+    assert lineage["test_fingerprint"] == versions[1].tags["test_fingerprint"]  # same test questions
+    # The champion sees the image: its test accuracy is far above the shuffled-image control.
+    assert float(lineage["test_exact_match"]) > float(lineage["test_shuffled_exact_match"]) + 0.10
+
+
+def test_promote_again_creates_no_second_version(store):
+    result = run_cli("promote", "search_spaces/quickstart.yaml", "name=quickstart", *store["common"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already the champion" in result.stdout
+    assert len(store["client"].search_model_versions(f"name = '{MODEL}'")) == 3
+
+
+LOAD_AND_SCORE = """
+import io, json, sys
+import mlflow, pandas as pd
+from runner import metrics
+from runner.evaluate import draw_samples
+from tasks import get_task
+
+uri, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mlflow.set_tracking_uri(uri)
+model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+trial = model.unwrap_python_model().trial
+task = get_task(trial.task, data=trial.data, val_fraction=trial.val_fraction, seed=trial.seed)
+test = task.load_split("test")
+examples = draw_samples(test.examples, n, trial.seed, "test")
+
+def png(image):  # images travel as PNG bytes, as a client would send them
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+frame = pd.DataFrame({"image": [png(test.images[e.image_key]) for e in examples],
+                      "question": [e.question for e in examples]})
+answers = model.predict(frame)
+print(json.dumps(metrics.score(answers, [task.normalize_answer(e.answer) for e in examples],
+                               [task.is_closed(e.answer) for e in examples])))
+"""
+
+
+def test_champion_loads_in_a_fresh_process_and_reproduces_its_test_metric(store):
+    champion = store["client"].get_model_version_by_alias(MODEL, "champion")
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_SCORE, store["uri"], MODEL, "1000"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scores["exact_match"] == pytest.approx(float(champion.tags["test_exact_match"]), abs=1e-9)
+    assert not math.isnan(scores["closed_accuracy"])

@@ -1,0 +1,117 @@
+"""One trial through the real CLI on the tiny model: it learns from the image, resumes exactly,
+and bad input fails with one clear line and exit code 2, leaving nothing behind."""
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.conftest import run_cli
+
+TRIAL = ["--task", "easy_vqa", "--model", "tiny", "--precision", "fp32", "--lora-rank", "8", "--lr", "3e-3",
+         "--n-samples", "300", "--batch-size", "16", "--max-eval-examples", "120", "--epochs", "2"]
+
+
+def history(run: Path, epoch: int) -> list[dict]:
+    return json.loads((run / f"epoch-{epoch:03d}" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train") / "run"
+    result = run_cli("train", *TRIAL, "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "epoch 2:" in result.stdout and "shuffled images" in result.stdout
+    return out
+
+
+def test_loss_falls_and_checkpoints_describe_themselves(two_epochs):
+    first, second = history(two_epochs, 2)
+    assert second["train_loss"] < first["train_loss"]
+    checkpoint = two_epochs / "epoch-002"
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "trainer_state.pt",
+                 "trial_config.json", "metrics.json", "data.json"):
+        assert (checkpoint / name).is_file(), name
+    config = json.loads((checkpoint / "trial_config.json").read_text())
+    assert config["lora_rank"] == 8 and config["n_samples"] == 300
+    adapter = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(".q." in key or ".v." in key for key in adapter)  # LoRA on T5 q, v only
+
+
+def test_resume_from_epoch_one_equals_uninterrupted(two_epochs, tmp_path):
+    resumed = tmp_path / "resumed"
+    result = run_cli("train", *TRIAL, "--output", str(resumed), "--resume", str(two_epochs / "epoch-001"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (resumed / "epoch-001").exists()  # epoch 1 was not trained again
+    assert history(resumed, 2) == history(two_epochs, 2)
+    ours = load_file(resumed / "epoch-002" / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(two_epochs / "epoch-002" / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_resume_with_a_different_config_is_refused(two_epochs, tmp_path):
+    changed = [*TRIAL[:-1], "3"]  # epochs 3 instead of 2
+    result = run_cli("train", *changed, "--output", str(tmp_path / "x"), "--resume", str(two_epochs / "epoch-001"))
+    assert result.returncode == 2
+    assert "different config (epochs)" in result.stderr
+
+
+def test_eval_scores_a_checkpoint_and_writes_predictions(two_epochs, tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
+    result = run_cli("eval", "--adapter", str(two_epochs / "epoch-002"), "--split", "validation",
+                     "--predictions", str(predictions))
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout[result.stdout.index("{"):])
+    # Same checkpoint, same validation questions: the score the trial logged for its epoch 2.
+    assert scores["exact_match"] == pytest.approx(history(two_epochs, 2)[-1]["val_exact_match"])
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 120 and {"question", "answer", "prediction", "shuffled_prediction"} <= rows[0].keys()
+
+
+def write_vqa_rad(folder: Path, *, columns=("image", "question", "answer"), corrupt: bool = False) -> Path:
+    """A local dataset in the hub dataset's schema (parquet, datasets Image column)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(6):
+        path = folder / f"img{i}.png"
+        Image.new("RGB", (32, 32), (40 * i, 0, 0)).save(path)
+        images.append(str(path))
+    if corrupt:
+        Path(images[3]).write_bytes(b"not a png")
+    data = {"image": images, "question": [f"is it {i}?" for i in range(6)], "answer": ["yes", "no"] * 3}
+    for split in ("train", "test"):
+        table = datasets.Dataset.from_dict({k: v for k, v in data.items() if k in columns})
+        if "image" in columns:
+            table = table.cast_column("image", datasets.Image())
+        table.to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("missing dataset path", ["--task", "vqa_rad", "--data", "/no/such/dir"], "/no/such/dir"),
+    ("wrong columns", ["--task", "vqa_rad", "--data", "{missing_answer}"], "answer"),
+    ("corrupt image", ["--task", "vqa_rad", "--data", "{corrupt}"], "cannot read image"),
+    ("unknown precision", ["--precision", "int9"], "int9"),
+    ("int8 without CUDA", ["--precision", "int8"], "int8 needs a CUDA GPU"),
+    ("unknown task", ["--task", "pathvqa"], "unknown task 'pathvqa'"),
+    ("too many samples", ["--n-samples", "10000000"], "n_samples: 10000000 is larger than the split"),
+    ("bad model dir", ["--model", "/no/such/model"], "/no/such/model"),
+])
+def test_bad_input_is_one_line_and_exit_2(case, args, message, tmp_path, tiny_model):
+    folders = {"{missing_answer}": write_vqa_rad(tmp_path / "cols", columns=("image", "question")),
+               "{corrupt}": write_vqa_rad(tmp_path / "corrupt", corrupt=True)}
+    args = [str(folders.get(arg, arg)) for arg in args]
+    out = tmp_path / "out"
+    base = {"--model": "tiny", "--precision": "fp32", "--n-samples": "20", "--epochs": "1"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    result = run_cli("train", *[item for pair in base.items() for item in pair], "--output", str(out))
+    assert result.returncode == 2, (case, result.stderr[-2000:])
+    assert message in result.stderr, (case, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    assert not out.exists()  # nothing half written
