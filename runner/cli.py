@@ -66,6 +66,12 @@ def trial_options(command):
     return command
 
 
+def gpu_memory(metrics: dict[str, float]) -> str:
+    peaks = [f"{key.removeprefix('gpu_peak_gib_')} {value:.2f}" for key, value in metrics.items()
+             if key.startswith("gpu_peak_gib_")]
+    return f" | peak GiB: {', '.join(peaks)}" if peaks else ""
+
+
 def given(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
@@ -89,7 +95,8 @@ def train(output: Path | None, resume: Path | None, **options: Any) -> None:
             f"{metrics['val_exact_match']:.3f} (shuffled images {metrics['val_shuffled_exact_match']:.3f}, "
             f"majority answer {metrics['val_majority_exact_match']:.3f}) | closed acc "
             f"{metrics['val_closed_accuracy']:.3f} | open recall {metrics['val_open_recall']:.3f} | "
-            f"BLEU-1 {metrics['val_bleu1']:.3f} | F1 {metrics['val_token_f1']:.3f} -> {checkpoint}"
+            f"BLEU-1 {metrics['val_bleu1']:.3f} | F1 {metrics['val_token_f1']:.3f} | "
+            f"{metrics['train_samples_per_second']:.1f} samples/s{gpu_memory(metrics)} -> {checkpoint}"
         )
 
     result = train_trial(config, output, report=show, resume_from=resume)
@@ -102,14 +109,22 @@ def train(output: Path | None, resume: Path | None, **options: Any) -> None:
 @trial_options
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="A checkpoint (epoch-NNN) or adapter directory; omit to score the bare model.")
+@click.option("--stage", type=click.Choice(["zero-shot", "one-shot", "adapter"]), default=None,
+              help="zero-shot: the bare model; one-shot: the bare model with a train exemplar in the prompt; "
+                   "adapter: --adapter's fine-tuned model [default: adapter if --adapter, else zero-shot].")
 @click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True)
 @click.option("--predictions", type=click.Path(path_type=Path), default=None,
               help="Write per-question predictions here (.jsonl or .csv).")
-def evaluate_command(adapter: Path | None, split: str, predictions: Path | None, **options: Any) -> None:
+def evaluate_command(adapter: Path | None, stage: str | None, split: str, predictions: Path | None,
+                     **options: Any) -> None:
     """Score an adapter (or the bare model) on a split; print metrics, save per-question predictions."""
     from runner.evaluate import checkpoint_config, score_adapter, write_predictions
 
-    result = score_adapter(checkpoint_config(adapter, given(options)), adapter, split)
+    stage = stage or ("adapter" if adapter else "zero-shot")
+    if (stage == "adapter") != (adapter is not None):
+        raise UserError("--stage adapter needs --adapter, and only it takes one")
+    config = checkpoint_config(adapter, given(options))
+    result = score_adapter(config, adapter, split, one_shot=stage == "one-shot")
     if predictions is not None:
         write_predictions(result.rows, predictions)
         click.echo(f"predictions: {predictions}")
@@ -135,6 +150,7 @@ def tune(space: Path, overrides: tuple[str, ...], address: str | None, resume: b
     click.echo(trials_table(outcome.results, config))
     if config.promote and not no_promote:
         promote_sweep(config, resources={"cpu": config.resources.cpu, "gpu": config.resources.gpu})
+        write_sweep_report(config, Path("runs") / "reports" / config.name)
     click.echo(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri or default_store()} "
                f"--host 127.0.0.1  (sweep run {outcome.sweep_run_id})")
 
@@ -149,21 +165,54 @@ def promote(space: Path, overrides: tuple[str, ...]) -> None:
     promote_sweep(load_sweep(space, list(overrides)))
 
 
-def promote_sweep(config, resources: dict[str, float] | None = None) -> None:
-    from runner.promote import promote as promote_best
+@main.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for report.md and the figures [default: runs/reports/<sweep name>].")
+def report(space: Path, overrides: tuple[str, ...], out: Path | None) -> None:
+    """Write the sweep's markdown report and figures from MLflow (also logged to the sweep run)."""
+    from runner.config import load_sweep
+
+    config = load_sweep(space, list(overrides))
+    write_sweep_report(config, out or Path("runs") / "reports" / config.name)
+
+
+def sweep_state(config) -> tuple[dict, "Tracker"]:
+    """The sweep's saved state (MLflow run id, tracking URI) and a tracker for it."""
     from runner.tracking import Tracker, sweep_state_file
 
     state_file = sweep_state_file(config.storage, config.name)
     if not state_file.exists():
         raise UserError(f"name: no sweep named {config.name!r} in {config.storage}")
     state = json.loads(state_file.read_text())
-    tracker = Tracker(state["tracking_uri"], state["experiment"])
+    return state, Tracker(state["tracking_uri"], state["experiment"])
+
+
+def write_sweep_report(config, out: Path) -> None:
+    from runner.report import write_report
+
+    state, tracker = sweep_state(config)
+    path = write_report(tracker, state["sweep_run_id"], config, out)
+    click.echo(f"report: {path} (and in MLflow: sweep run {state['sweep_run_id']}, artifacts/report)")
+
+
+def promote_sweep(config, resources: dict[str, float] | None = None) -> None:
+    from runner.promote import promote as promote_best
+    from runner.tracking import sweep_state_file
+
+    state, tracker = sweep_state(config)
+    state_file = sweep_state_file(config.storage, config.name)
     outcome = promote_best(tracker, sweep_run_id=state["sweep_run_id"], metric=config.metric, mode=config.mode,
                            model_name=config.registered_model, lock_path=state_file.with_name("promote.lock"),
                            test_max_examples=config.test_max_examples, resources=resources)
     click.echo(f"promotion: {outcome.message}")
     click.echo(f"registered model: models:/{config.registered_model}/{outcome.version} "
                f"(champion: models:/{config.registered_model}@champion)")
+    from runner.stages import compare_stages
+
+    compare_stages(tracker, sweep_run_id=state["sweep_run_id"], trial_run_id=outcome.run_id,
+                   test_max_examples=config.test_max_examples, resources=resources)
 
 
 def default_store() -> str:

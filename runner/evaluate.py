@@ -143,7 +143,12 @@ class Evaluation:
     fingerprint: str  # of the questions scored: equal only when two scores are comparable
 
 
-def score_adapter(config: TrialConfig, adapter: Path | None, split: str,
+def one_shot_exemplar(task: Task, seed: int) -> Example:
+    """The one-shot prompt's exemplar: drawn from train (fixed seed), never from the split scored."""
+    return random.Random(seed).choice(task.load_split("train").examples)
+
+
+def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_shot: bool = False,
                   save_processor: Path | None = None) -> Evaluation:
     """Score an adapter (epoch checkpoint or PEFT adapter directory) or the bare model on a split."""
     from peft import PeftModel
@@ -167,7 +172,8 @@ def score_adapter(config: TrialConfig, adapter: Path | None, split: str,
         PeftModel.from_pretrained(model, adapter_dir)  # injects LoRA into model.language_model in place
     if save_processor is not None:
         processor.save_pretrained(save_processor)
-    scores, rows = evaluate(model, processor, task, examples, features,
+    exemplar = one_shot_exemplar(task, config.seed) if one_shot else None
+    scores, rows = evaluate(model, processor, task, examples, features, exemplar=exemplar,
                             batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
     return Evaluation(scores, rows, fingerprint(examples))
 

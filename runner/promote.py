@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import UserError
+from runner.held_out import evaluate_on_test, pack, unpack
 from runner.tracking import PARENT_TAG, STATUS_TAG, Tracker, code_version, download_checkpoint
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, mode
             version = existing[0]
         else:
             checkpoint = download_checkpoint(tracker.tracking_uri, best.info.run_id)
-            result, processor_files = run_test_evaluation(pack(checkpoint), test_max_examples, resources)
+            result, processor_files = evaluate_on_test(pack(checkpoint), test_max_examples, resources,
+                                                       with_adapter=True, save_processor=True)
             processor_dir = unpack(processor_files, Path(tempfile.mkdtemp(prefix="runner-processor-")))
             trial = checkpoint_config(checkpoint, {"max_eval_examples": test_max_examples})
             client.log_batch(best.info.run_id, metrics=[
@@ -115,39 +117,6 @@ def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, mode
         client.set_registered_model_alias(model_name, ALIAS, version.version)
         return Promotion(version.version, best.info.run_id, ours, champion.version if champion else None, True,
                          f"{ALIAS} -> v{version.version} ({test_metric_name}={ours:.4f})")
-
-
-def pack(directory: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
-
-
-def unpack(files: dict[str, bytes], directory: Path) -> Path:
-    for name, data in files.items():
-        (directory / name).parent.mkdir(parents=True, exist_ok=True)
-        (directory / name).write_bytes(data)
-    return directory
-
-
-def evaluate_checkpoint_files(files: dict[str, bytes], test_max_examples: int | None):
-    """Score a packed checkpoint on the test split; return the evaluation and the packed processor."""
-    from runner.evaluate import checkpoint_config, score_adapter
-
-    with tempfile.TemporaryDirectory(prefix="runner-test-") as scratch:
-        checkpoint = unpack(files, Path(scratch) / "checkpoint")
-        processor_dir = Path(scratch) / "processor"
-        trial = checkpoint_config(checkpoint, {"max_eval_examples": test_max_examples})
-        result = score_adapter(trial, checkpoint, "test", save_processor=processor_dir)
-        return result, pack(processor_dir)
-
-
-def run_test_evaluation(files: dict[str, bytes], test_max_examples: int | None,
-                        resources: dict[str, float] | None):
-    import ray
-
-    if resources is None or not ray.is_initialized():
-        return evaluate_checkpoint_files(files, test_max_examples)
-    task = ray.remote(evaluate_checkpoint_files).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
-    return ray.get(task.remote(files, test_max_examples))
 
 
 def register(tracker: Tracker, run, checkpoint: Path, processor_dir: Path, trial, model_name: str,

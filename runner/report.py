@@ -1,38 +1,223 @@
-"""What a person reads after a sweep: the trials table (terminal), later markdown and figures."""
+"""What a person reads after a sweep: the terminal table, and a markdown report with PNG figures
+regenerated from MLflow alone (no local state), also logged as artifacts of the sweep's run."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 from runner.config import SweepConfig
+from runner.tracking import KIND_TAG, PARENT_TAG, STATUS_TAG, Tracker
+
+# Published VQA-RAD results, for orientation only (BLEU-1 / F1, %). Our rows are never mixed in.
+REFERENCE = [
+    ("Prior specialist SOTA", "71.03", "–", "Med-PaLM M (Tu et al., 2023), Table 2"),
+    ("PaLM-E 84B", "59.19", "38.67", "Med-PaLM M, Table 2"),
+    ("Med-PaLM M 12B", "64.02", "50.66", "Med-PaLM M, Table 2"),
+    ("Med-PaLM M 84B", "69.38", "59.90", "Med-PaLM M, Table 2"),
+    ("Med-PaLM M 562B", "71.27", "62.06", "Med-PaLM M, Table 2"),
+    ("BLIP-2 Flan-T5-XL zero-shot (seed study)", "0.44*", "0.70", "the seed study"),
+    ("BLIP-2 Flan-T5-XL one-shot (seed study)", "2.54*", "3.86", "the seed study"),
+    ("BLIP-2 Flan-T5-XL LoRA (seed study)", "26.16*", "26.16", "the seed study"),
+]
+STAGE_METRICS = [("bleu1", "BLEU-1"), ("token_f1", "F1"), ("exact_match", "EM"),
+                 ("closed_accuracy", "closed acc"), ("open_recall", "open recall"),
+                 ("shuffled_exact_match", "shuffled-image EM")]
 
 
 def trials_table(results, config: SweepConfig) -> str:
-    """One line per trial: varied params, best and last validation metric, epochs run, status."""
+    """Terminal table from Tune's results: varied params, best validation metric, epochs, status."""
     keys = list(config.space)
     metric = config.metric
     header = ["trial", *keys, f"best {metric}", "shuffled EM", "epochs", "status"]
     rows = []
     for result in results:
-        params = result.config or {}
         history = result.metrics_dataframe
         best = shuffled = math.nan
         epochs = 0
         if history is not None and metric in history:
             ordered = history.sort_values(metric, ascending=config.mode == "min")
             best = float(ordered[metric].iloc[0])
-            shuffled = float(ordered.get("val_shuffled_exact_match", [math.nan]).iloc[0])
+            shuffled = float(ordered["val_shuffled_exact_match"].iloc[0])
             epochs = int(history["epoch"].max())
         status = "FAILED" if result.error else ("STOPPED_EARLY" if epochs < config.trial.epochs else "TERMINATED")
-        trial_id = (result.metrics or {}).get("trial_id") or result.path.rsplit("_", 1)[-1] if result.path else "?"
-        rows.append([str(trial_id), *(format_value(params.get(k)) for k in keys), f"{best:.4f}",
-                     f"{shuffled:.4f}", str(epochs), status])
+        trial_id = Path(result.path).name.rsplit("_", 1)[-1] if result.path else "?"
+        rows.append([trial_id, *(fmt(result.config.get(k)) for k in keys), f"{best:.4f}", f"{shuffled:.4f}",
+                     str(epochs), status])
+    return text_table(header, rows)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
 
 
-def format_value(value) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+                      *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)])
+
+
+def fmt(value) -> str:
+    if isinstance(value, str):  # MLflow params come back as text
+        try:
+            value = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            return value
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return "–" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+@dataclass
+class SweepRecord:
+    """Everything the report needs, read from MLflow."""
+
+    parent: object
+    trials: list
+    stages: dict  # stage name -> run
+    histories: dict  # run id -> {metric: [(epoch, value), ...]}
+
+
+def read_sweep(tracker: Tracker, sweep_run_id: str, metric: str) -> SweepRecord:
+    client = tracker.client
+    parent = client.get_run(sweep_run_id)
+    children = client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{sweep_run_id}'",
+                                  max_results=10_000)
+    trials = sorted((r for r in children if r.data.tags.get(KIND_TAG) == "trial"),
+                    key=lambda r: r.data.tags.get("runner.trial_id", ""))
+    stages = {r.data.tags["runner.stage"]: r for r in children if r.data.tags.get(KIND_TAG) == "stage"}
+    histories = {
+        run.info.run_id: {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+                          for key in (metric, "train_loss")}
+        for run in trials}
+    return SweepRecord(parent, trials, stages, histories)
+
+
+def write_report(tracker: Tracker, sweep_run_id: str, config: SweepConfig, out_dir: Path) -> Path:
+    """Markdown + PNG figures into out_dir, also logged under the sweep run's `report/` artifacts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = read_sweep(tracker, sweep_run_id, config.metric)
+    tags = record.parent.data.tags
+    metric, keys = config.metric, list(config.space)
+    test_metric = "test_" + metric.removeprefix("val_")
+    fine_tuned = max((r for r in record.trials if test_metric in r.data.metrics),
+                     key=lambda r: r.data.metrics[test_metric], default=None)
+
+    trial_rows = [[run.data.tags.get("runner.trial_id", run.info.run_id[:8]),
+                   *(fmt(run.data.params.get(k, "–")) for k in keys),
+                   fmt(run.data.metrics.get(f"best_{metric}", math.nan)),
+                   fmt(run.data.metrics.get("val_shuffled_exact_match", math.nan)),
+                   str(len(record.histories[run.info.run_id][metric])),
+                   run.data.tags.get(STATUS_TAG, run.info.status),
+                   fmt(run.data.metrics.get(test_metric, math.nan))]
+                  for run in record.trials]
+    stage_runs = [(name, record.stages.get(name)) for name in ("zero-shot", "one-shot")]
+    stage_runs.append(("fine-tuned (best trial)", fine_tuned))
+    stage_rows = [[name, *(pct(run.data.metrics.get(f"test_{key}")) if run else "–" for key, _ in STAGE_METRICS)]
+                  for name, run in stage_runs]
+    n_test = fine_tuned.data.metrics.get("test_n") if fine_tuned else None
+
+    figures = draw_figures(record, config, stage_runs, out_dir)
+    lines = [
+        f"# Sweep `{tags.get('mlflow.runName', config.name)}`",
+        "",
+        f"Task **{tags.get('runner.task')}**, base model **{tags.get('runner.base_model')}** "
+        f"({tags.get('runner.precision')}); MLflow sweep run `{sweep_run_id}`; code `{tags.get('runner.code_version')}`.",
+        "",
+        f"## Trials (validation split; best epoch by `{metric}`)",
+        "",
+        markdown_table(["trial", *keys, f"best {metric}", "shuffled-image EM (last epoch)", "epochs", "status",
+                        test_metric], trial_rows),
+        "",
+        f"## Stages on the test split ({fmt(n_test)} questions, the same for every stage; %)",
+        "",
+        f"Our rows: task `{tags.get('runner.task')}`, model `{tags.get('runner.base_model')}`.",
+        "",
+        markdown_table(["stage", *(label for _, label in STAGE_METRICS)], stage_rows),
+        "",
+        "## Published VQA-RAD results (reference only; not comparable unless the task above is vqa_rad)",
+        "",
+        markdown_table(["model", "BLEU-1", "F1", "source"], [list(row) for row in REFERENCE]),
+        "",
+        "\\* The seed study's \"BLEU-1\" is clipped unigram precision without the brevity penalty; ours "
+        "(nltk `sentence_bleu`, weights (1,)) includes it, so short answers score lower here.",
+        "",
+        "## Figures",
+        "",
+        *(f"![{name}]({path.name})" for name, path in figures.items()),
+        "",
+    ]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines))
+    tracker.client.log_artifacts(sweep_run_id, str(out_dir), "report")
+    return report
+
+
+def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, keys = config.metric, list(config.space)
+    figures = {}
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(float(run.data.params[key]), run.data.metrics.get(f"best_{metric}", math.nan))
+                  for run in record.trials if key in run.data.params]
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue")
+        if key == "learning_rate":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"best {metric}")
+        ax.grid(alpha=0.3)
+    fig.suptitle("best validation metric per trial")
+    figures["metric vs parameters"] = save(fig, out_dir / "params.png")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for run in record.trials:
+        label = run.data.tags.get("runner.trial_id", run.info.run_id[:8])
+        for ax, key in ((left, metric), (right, "train_loss")):
+            steps = record.histories[run.info.run_id][key]
+            ax.plot([s for s, _ in steps], [v for _, v in steps], marker="o", label=label)
+    left.set(xlabel="epoch", ylabel=metric, title="validation")
+    right.set(xlabel="epoch", ylabel="train loss", title="training")
+    left.legend(fontsize=7)
+    figures["learning curves"] = save(fig, out_dir / "curves.png")
+
+    names = [name for name, _ in stage_runs]
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(STAGE_METRICS)
+    for i, (key, label) in enumerate(STAGE_METRICS):
+        values = [100 * (run.data.metrics.get(f"test_{key}", math.nan) if run else math.nan) for _, run in stage_runs]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names)
+    ax.set(ylabel="% (test)", title="stage progression")
+    ax.legend(fontsize=7, ncol=3)
+    figures["stage progression"] = save(fig, out_dir / "stages.png")
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (key, label) in enumerate((("closed_accuracy", "closed: accuracy"), ("open_recall", "open: recall"))):
+        values = [100 * (run.data.metrics.get(f"test_{key}", math.nan) if run else math.nan) for _, run in stage_runs]
+        ax.bar([x + i * 0.4 for x in range(len(names))], values, 0.4, label=label)
+    ax.set_xticks([x + 0.2 for x in range(len(names))], names)
+    ax.set(ylabel="% (test)", title="closed vs open questions")
+    ax.legend(fontsize=8)
+    figures["closed vs open"] = save(fig, out_dir / "closed_open.png")
+    return figures
+
+
+def save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

@@ -87,6 +87,8 @@ class Recipe:
     stage1_lr: float = 3e-3
     dense_weight: float = 1.0
     mask_weight: float = 1.0
+    mask_grid: int = 4  # each patch predicts its foreground on a grid x grid raster
+    boundary_only: bool = True  # dense shape labels only on patches the shape's outline crosses
     stage2_steps: int = 600
     stage2_batch: int = 64
     stage2_lr: float = 2e-3
@@ -147,7 +149,7 @@ class _Data:
     colour: torch.Tensor  # [N] index into COLORS, -100 unknown
     shape: torch.Tensor  # [N] index into SHAPES, -100 unknown
     patch_shape: torch.Tensor  # [N, P] shape label of patches that touch the shape, else -100
-    patch_mask: torch.Tensor  # [N, P, 16] 4x4 foreground fraction inside each patch
+    patch_mask: torch.Tensor  # [N, P, g*g] foreground fraction on a g x g raster inside each patch
     train: torch.Tensor  # image indices used for pre-training
     held_out: torch.Tensor  # image indices held out
 
@@ -227,9 +229,11 @@ def _load_pretraining_data(recipe: Recipe) -> _Data:
     foreground = ((pixels01 - background).abs().amax(dim=1) > 0.15).float()  # [N, S, S]
     p = recipe.patch_size
     grid = recipe.image_size // p
-    sub = F.avg_pool2d(foreground[:, None], p // 4)[:, 0]  # [N, 4*grid, 4*grid]
-    patch_mask = sub.reshape(-1, grid, 4, grid, 4).permute(0, 1, 3, 2, 4).reshape(-1, grid * grid, 16)
-    touches = F.avg_pool2d(foreground[:, None], p)[:, 0].flatten(1) > 0.02  # [N, P]
+    g = recipe.mask_grid
+    sub = F.avg_pool2d(foreground[:, None], p // g)[:, 0]  # [N, g*grid, g*grid]
+    patch_mask = sub.reshape(-1, grid, g, grid, g).permute(0, 1, 3, 2, 4).reshape(-1, grid * grid, g * g)
+    fraction = F.avg_pool2d(foreground[:, None], p)[:, 0].flatten(1)  # [N, P]
+    touches = (fraction > 0.02) & (fraction < 0.98) if recipe.boundary_only else fraction > 0.02
 
     colour = torch.tensor([labels.get(i, (-100, -100))[0] for i in ids])
     shape = torch.tensor([labels.get(i, (-100, -100))[1] for i in ids])
@@ -369,7 +373,7 @@ def _stage1(model, data: _Data, recipe: Recipe, log_every: int) -> dict[str, obj
             "colour": nn.Linear(d_model, len(COLORS)),
             "shape": nn.Linear(d_model, len(SHAPES)),
             "patch_shape": nn.Linear(recipe.vision_hidden, len(SHAPES)),
-            "patch_mask": nn.Linear(recipe.vision_hidden, 16),
+            "patch_mask": nn.Linear(recipe.vision_hidden, recipe.mask_grid**2),
         }
     )
     image_path = [model.vision_model, model.qformer, model.language_projection]

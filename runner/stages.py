@@ -1,0 +1,53 @@
+"""The stage comparison of a sweep: zero-shot → one-shot → fine-tuned, on the same test questions.
+
+The zero-shot and one-shot stages score the best trial's base model (same task, model, precision,
+decoding) without its adapter; each is an MLflow run nested under the sweep (`runner.kind=stage`),
+with `test_<metric>` metrics and its per-question predictions. The fine-tuned stage is the best
+trial's own run, whose `test_<metric>` promotion logged (the same questions: same split, seed and
+`test_max_examples`), so the adapter is not scored twice. Safe to re-run: existing stages are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from runner.held_out import evaluate_on_test, pack
+from runner.tracking import KIND_TAG, PARENT_TAG, Tracker, download_checkpoint
+
+log = logging.getLogger(__name__)
+
+STAGE_TAG = "runner.stage"
+BASE_STAGES = {"zero-shot": False, "one-shot": True}  # stage -> one-shot prompt
+
+
+def compare_stages(tracker: Tracker, *, sweep_run_id: str, trial_run_id: str, test_max_examples: int | None,
+                   resources: dict[str, float] | None) -> list[str]:
+    """Create the missing base-model stage runs under the sweep; return the stages created."""
+    from mlflow.entities import Metric
+
+    from runner.evaluate import write_predictions
+
+    client = tracker.client
+    created = []
+    files = None
+    for stage, one_shot in BASE_STAGES.items():
+        if tracker.find_run(**{PARENT_TAG: sweep_run_id, STAGE_TAG: stage}):
+            continue
+        if files is None:
+            files = pack(download_checkpoint(tracker.tracking_uri, trial_run_id))
+        log.info("scoring the %s stage on the test split", stage)
+        result, _ = evaluate_on_test(files, test_max_examples, resources, with_adapter=False, one_shot=one_shot)
+        run_id = client.create_run(tracker.experiment_id, run_name=f"stage-{stage}", tags={
+            "mlflow.parentRunId": sweep_run_id, PARENT_TAG: sweep_run_id, KIND_TAG: "stage", STAGE_TAG: stage,
+            "runner.trial_run_id": trial_run_id, "test_fingerprint": result.fingerprint}).info.run_id
+        client.log_param(run_id, "stage", stage)
+        client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), 0, 0) for k, v in result.scores.items()])
+        with tempfile.TemporaryDirectory() as scratch:
+            predictions = Path(scratch) / f"{stage}_predictions.jsonl"
+            write_predictions(result.rows, predictions)
+            client.log_artifact(run_id, str(predictions))
+        client.set_terminated(run_id, "FINISHED")
+        created.append(stage)
+    return created
