@@ -35,3 +35,26 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict
     """Run the real `runner` console entry point in a subprocess; return the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "runner.cli", *args], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+MODEL = "tiny-blip2-easy-vqa"
+SPACE = str(REPO / "search_spaces" / "quickstart.yaml")
+WEAK = ["num_samples=1", "trial.epochs=1", "space={n_samples: {choice: [40]}}",
+        "trial.learning_rate=1e-4", "scheduler.type=none"]
+
+
+@pytest.fixture(scope="session")
+def store(tiny_model, tmp_path_factory):
+    """Three real sweeps into one MLflow store (see tests/test_sweep.py), shared by the tests that read it."""
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("sweeps")
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    (root / "mlruns").mkdir()
+    common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}"]
+    outputs = {}
+    for name, extra in (("weak", WEAK), ("quickstart", []), ("weak2", WEAK)):
+        result = run_cli("tune", SPACE, f"name={name}", *common, *extra, cwd=root, timeout=1200)
+        assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
+        outputs[name] = result.stdout
+    return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs}

@@ -12,28 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
-from tests.conftest import REPO, run_cli
-
-MODEL = "tiny-blip2-easy-vqa"
-WEAK = ["num_samples=1", "trial.epochs=1", "space={n_samples: {choice: [40]}}",
-        "trial.learning_rate=1e-4", "scheduler.type=none"]
-
-
-@pytest.fixture(scope="module")
-def store(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweeps")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-    (root / "mlruns").mkdir()
-    common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}"]
-    outputs = {}
-    for name, extra in (("weak", WEAK), ("quickstart", []), ("weak2", WEAK)):
-        result = run_cli("tune", "search_spaces/quickstart.yaml", f"name={name}", *common, *extra, cwd=REPO,
-                         timeout=1200)
-        assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
-        outputs[name] = result.stdout
-    return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs}
+from tests.conftest import MODEL, REPO, SPACE, run_cli
 
 
 def sweep_runs(store, name):
@@ -95,7 +75,7 @@ def test_champion_moves_only_for_a_better_model(store):
 
 
 def test_promote_again_creates_no_second_version(store):
-    result = run_cli("promote", "search_spaces/quickstart.yaml", "name=quickstart", *store["common"])
+    result = run_cli("promote", SPACE, "name=quickstart", *store["common"], cwd=store["root"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already the champion" in result.stdout
     assert len(store["client"].search_model_versions(f"name = '{MODEL}'")) == 3

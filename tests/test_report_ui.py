@@ -1,0 +1,155 @@
+"""The comparison a person sees: the markdown report and figures (regenerated from MLflow alone), and
+the MLflow UI in a real headless Chromium against a real `mlflow server` on loopback."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import MODEL, SPACE, run_cli
+
+
+def test_report_numbers_equal_mlflow_and_figures_are_real(store, tmp_path):
+    out = tmp_path / "report"
+    result = run_cli("report", SPACE, "name=quickstart", *store["common"], "--out", str(out), cwd=store["root"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (out / "report.md").read_text()
+    client = store["client"]
+    experiment = client.get_experiment_by_name("quickstart")
+    parent = client.search_runs([experiment.experiment_id], "tags.`runner.sweep` = 'quickstart'")[0]
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trials = [r for r in children if r.data.tags["runner.kind"] == "trial"]
+    stages = {r.data.tags["runner.stage"]: r for r in children if r.data.tags["runner.kind"] == "stage"}
+    assert set(stages) == {"zero-shot", "one-shot"}
+    for run in trials:  # every trial row carries its MLflow best metric
+        row = next(line for line in text.splitlines() if line.startswith(f"| {run.data.tags['runner.trial_id']} |"))
+        assert f"| {run.data.metrics['best_val_exact_match']:.4g} |" in row
+    for name, run in stages.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{100 * run.data.metrics['test_bleu1']:.2f}"
+        assert cells[3] == f"{100 * run.data.metrics['test_exact_match']:.2f}"
+    best = max((r for r in trials if "test_exact_match" in r.data.metrics), key=lambda r: r.data.metrics["test_exact_match"])
+    fine_tuned = next(line for line in text.splitlines() if line.startswith("| fine-tuned"))
+    assert f"| {100 * best.data.metrics['test_exact_match']:.2f} |" in fine_tuned
+    # Fine-tuning helps: the fine-tuned stage beats zero-shot on exact match.
+    assert best.data.metrics["test_exact_match"] >= stages["zero-shot"].data.metrics["test_exact_match"]
+    assert "Med-PaLM M 562B | 71.27 | 62.06" in text and "task `easy_vqa`" in text
+    for name in ("params.png", "curves.png", "stages.png", "closed_open.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+        with Image.open(out / name) as image:
+            assert image.size[0] > 400 and len(image.convert("RGB").getcolors(1 << 20)) > 20, name
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/stages.png"} <= artifacts
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(store):
+    """A real MLflow tracking server over the store the sweeps wrote, on loopback only."""
+    port = free_port()
+    db = store["uri"].removeprefix("sqlite:///")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store["uri"], "--host", "127.0.0.1",
+         "--port", str(port), "--artifacts-destination", str(Path(db).parent / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{base}/health", timeout=5).status == 200:
+                break
+        except OSError:
+            time.sleep(1)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not answer /health in 120 s")
+    yield base
+    process.terminate()
+    process.wait(30)
+
+
+def api(base: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", method="POST" if body else "GET",
+                                     data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_server_rest_api_shows_the_run_tree_and_champion(server):
+    experiment = api(server, "experiments/get-by-name?experiment_name=quickstart")["experiment"]
+    runs = api(server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 1000})["runs"]
+    tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+    parent = next(run for run, t in zip(runs, tags) if t.get("runner.sweep") == "quickstart")
+    children = [(run, t) for run, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
+    trials = [run for run, t in children if t["runner.kind"] == "trial"]
+    assert len(trials) == 4
+    for run in trials:
+        assert {p["key"] for p in run["data"]["params"]} >= {"lora_rank", "learning_rate", "n_samples"}
+        assert "val_exact_match" in {m["key"] for m in run["data"]["metrics"]}
+    alias = api(server, f"registered-models/alias?name={MODEL}&alias=champion")["model_version"]
+    assert alias["run_id"] in {run["info"]["run_id"] for run in trials}
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (see .ci/run)")
+        pytest.skip("needs Debian's chromium (apt-get install chromium)")
+    return found
+
+
+def render(url: str, tmp_path: Path, screenshot: Path | None = None) -> str:
+    """Load `url` in headless Chromium, let the page's JavaScript run, return the DOM."""
+    flags = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1000", "--virtual-time-budget=30000"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    if screenshot is not None:
+        shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+        subprocess.run([*flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
+    return dom
+
+
+def test_mlflow_ui_renders_the_sweep_and_the_trial_comparison(server, store, tmp_path):
+    client = store["client"]
+    experiment = client.get_experiment_by_name("quickstart")
+    trials = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
+    quickstart_trials = [r for r in trials if r.data.tags["runner.sweep_run_id"] == client.search_runs(
+        [experiment.experiment_id], "tags.`runner.sweep` = 'quickstart'")[0].info.run_id]
+    shots = Path(os.environ.get("RUNNER_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+
+    runs_page = render(f"{server}/#/experiments/{experiment.experiment_id}/runs", tmp_path / "a",
+                       shots / "mlflow-runs.png")
+    assert "quickstart" in runs_page and "weak2" in runs_page  # the sweeps' parent runs are listed
+
+    ids = json.dumps([r.info.run_id for r in quickstart_trials])
+    compare = (f"{server}/#/compare-runs?runs={urllib.parse.quote(ids)}"
+               f"&experiments={urllib.parse.quote(json.dumps([experiment.experiment_id]))}")
+    compare_page = render(compare, tmp_path / "b", shots / "mlflow-compare.png")
+    for run in quickstart_trials:
+        assert run.info.run_name in compare_page
+    assert "lora_rank" in compare_page and "val_exact_match" in compare_page
+    for name in ("mlflow-runs.png", "mlflow-compare.png"):
+        with Image.open(shots / name) as image:
+            assert len(image.convert("RGB").getcolors(1 << 20)) > 50  # a rendered page, not a blank one
+    assert re.search(r"Comparing \d+ Runs", compare_page)
