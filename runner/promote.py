@@ -129,13 +129,15 @@ def register(tracker: Tracker, run, checkpoint: Path, processor_dir: Path, trial
 
     mlflow.set_tracking_uri(tracker.tracking_uri)
     train_fingerprint = json.loads((checkpoint / DATA_FILE).read_text())["train_fingerprint"]
+    settings = processor_dir.parent / "settings.json"  # not model_config: MLflow would log it as params
+    settings.write_text(json.dumps({"base_model": trial.model, "base_model_revision": trial.model_revision,
+                                    "precision": trial.precision, "trial": trial.to_dict()}))
     with mlflow.start_run(run_id=run.info.run_id):
         info = mlflow.pyfunc.log_model(
             # Model from code: loading it runs our source file, never unpickles an object.
             name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-            artifacts={"adapter": str(checkpoint / ADAPTER_DIR), "processor": str(processor_dir)},
-            model_config={"base_model": trial.model, "base_model_revision": trial.model_revision,
-                          "precision": trial.precision, "task": trial.task, "trial": trial.to_dict()},
+            artifacts={"adapter": str(checkpoint / ADAPTER_DIR), "processor": str(processor_dir),
+                       "settings": str(settings)},
             pip_requirements=pip_requirements())
     tags = {
         "sweep_run_id": sweep_run_id, "trial_run_id": run.info.run_id, "task": trial.task,

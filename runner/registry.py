@@ -8,7 +8,9 @@ parameters and `mlflow.transformers` would save all of it per version (mlflow is
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import mlflow.pyfunc
 
@@ -36,7 +38,7 @@ class Blip2LoraModel(mlflow.pyfunc.PythonModel):
         from runner.model import check_image_tokens, compute_dtype, load_blip2, resolve_device
         from tasks import get_task
 
-        settings = context.model_config
+        settings = json.loads(Path(context.artifacts["settings"]).read_text())
         self.trial = TrialConfig(**settings["trial"])
         self.device = resolve_device(self.trial.device)
         self.dtype = compute_dtype(self.trial.precision, self.device)

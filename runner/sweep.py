@@ -186,7 +186,7 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
     log.info("sweep %s: up to %d trials at once on %s; MLflow run %s at %s", config.name, max_concurrent,
              {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, sweep_run_id, tracking_uri)
     callbacks = [TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
-                           config.trial.epochs, storage_path)]
+                           config.trial.to_dict(), storage_path)]
     tuner = build_tuner(config, storage_path, callbacks, max_concurrent, restore=resume)
     results = tuner.fit()
     failed = sum(result.error is not None for result in results)

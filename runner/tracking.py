@@ -112,9 +112,10 @@ class TrialRuns(tune.Callback):
     """Tune callback: one MLflow child run per trial, metrics per epoch once, best adapter, final status."""
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_run_id: str, metric: str, mode: str,
-                 epochs: int, storage: str):
+                 base: dict[str, Any], storage: str):
         self.tracking_uri, self.experiment, self.storage = tracking_uri, experiment, storage
-        self.sweep_run_id, self.metric, self.mode, self.epochs = sweep_run_id, metric, mode, epochs
+        self.base = base
+        self.sweep_run_id, self.metric, self.mode = sweep_run_id, metric, mode
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._logged: dict[str, set[int]] = {}  # run id -> epochs already in MLflow
@@ -132,6 +133,8 @@ class TrialRuns(tune.Callback):
 
     def run_for(self, trial) -> str:
         """The trial's child run: found by tag (a resumed sweep) or created once."""
+        from mlflow.entities import Param
+
         if trial.trial_id not in self._runs:
             client = self.tracker.client
             run_id = self.tracker.find_run(**{PARENT_TAG: self.sweep_run_id, TRIAL_TAG: trial.trial_id})
@@ -139,8 +142,9 @@ class TrialRuns(tune.Callback):
                 run_id = client.create_run(self.tracker.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
                     "mlflow.parentRunId": self.sweep_run_id, PARENT_TAG: self.sweep_run_id,
                     TRIAL_TAG: trial.trial_id, KIND_TAG: "trial", STATUS_TAG: "RUNNING"}).info.run_id
-                for key, value in trial.config.items():
-                    client.log_param(run_id, key, value)
+                # Every setting of the trial (base + sampled), so MLflow's compare view shows them all.
+                client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in
+                                                 {**self.base, **trial.config}.items()])
             self._runs[trial.trial_id] = run_id
             self._logged[run_id] = {int(m.step) for m in client.get_metric_history(run_id, "train_loss")}
         return self._runs[trial.trial_id]
@@ -178,7 +182,7 @@ class TrialRuns(tune.Callback):
             with local_copy(result["checkpoint_path"], self.storage) as checkpoint:
                 client.log_artifacts(run_id, str(checkpoint), "checkpoint")
         last_epoch = max(self._logged.get(run_id, {0}) or {0})
-        status = "TERMINATED" if last_epoch >= self.epochs else "STOPPED_EARLY"
+        status = "TERMINATED" if last_epoch >= {**self.base, **trial.config}["epochs"] else "STOPPED_EARLY"
         client.set_tag(run_id, STATUS_TAG, status)
         client.set_terminated(run_id, "FINISHED")
 
