@@ -168,6 +168,22 @@ def promote(space: Path, overrides: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("space", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
+def sync(space: Path, overrides: tuple[str, ...]) -> None:
+    """Write MLflow updates that a tracking outage left queued for the sweep in SPACE."""
+    from runner.config import load_sweep
+    from runner.sweep import trial_runs
+
+    config = load_sweep(space, list(overrides))
+    state, _ = sweep_state(config)
+    left = trial_runs(config, state["tracking_uri"], state["sweep_run_id"]).replay_journal()
+    if left:
+        raise UserError(f"tracking_uri: MLflow at {state['tracking_uri']} still unreachable; {left} updates kept")
+    click.echo("MLflow is up to date")
+
+
+@main.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.argument("overrides", nargs=-1)
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for report.md and the figures [default: runs/reports/<sweep name>].")
 def report(space: Path, overrides: tuple[str, ...], out: Path | None) -> None:

@@ -60,6 +60,8 @@ class TrialConfig:
     """Gradient clipping norm; 0 disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute T5 activations in backward: less memory, ~30% more compute."""
+    gpu_memory_gib: float | None = None
+    """Cap this trial's GPU memory (GiB): trials sharing a card, or rehearsing a 16 GB T4 on a big one."""
     eval_batch_size: int = 32
     """Questions per greedy-generation batch in validation/test."""
     max_eval_examples: int | None = 500
@@ -86,6 +88,7 @@ class TrialConfig:
             "batch_size": self.batch_size >= 1,
             "grad_accum": self.grad_accum >= 1,
             "max_grad_norm": self.max_grad_norm >= 0,
+            "gpu_memory_gib": self.gpu_memory_gib is None or self.gpu_memory_gib > 0,
             "eval_batch_size": self.eval_batch_size >= 1,
             "max_eval_examples": self.max_eval_examples is None or self.max_eval_examples >= 1,
             "max_new_tokens": self.max_new_tokens >= 1,

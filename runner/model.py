@@ -41,11 +41,12 @@ def resolve_model(name: str) -> str:
 
 
 def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
+    """`auto` → CUDA when visible; a CUDA device always carries its index (memory APIs need it)."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise UserError("device: 'cuda' requested but no CUDA device is visible")
-    return torch.device(requested)
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def compute_dtype(precision: Precision, device: torch.device) -> torch.dtype:
@@ -143,10 +144,13 @@ def add_lora(
 
     for parameter in model.parameters():
         parameter.requires_grad = False
+    # Non-reentrant checkpointing: the inputs (cached image features + embeddings) need no grad.
+    checkpointing = {"use_reentrant": False}
     if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
     elif gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     lora = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none"
     )

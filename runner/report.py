@@ -42,7 +42,7 @@ def trials_table(results, config: SweepConfig) -> str:
             shuffled = float(ordered["val_shuffled_exact_match"].iloc[0])
             epochs = int(history["epoch"].max())
         status = "FAILED" if result.error else ("STOPPED_EARLY" if epochs < config.trial.epochs else "TERMINATED")
-        trial_id = Path(result.path).name.rsplit("_", 1)[-1] if result.path else "?"
+        trial_id = (result.metrics or {}).get("trial_id", "?")
         rows.append([trial_id, *(fmt(result.config.get(k)) for k in keys), f"{best:.4f}", f"{shuffled:.4f}",
                      str(epochs), status])
     return text_table(header, rows)

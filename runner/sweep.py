@@ -147,9 +147,10 @@ def build_tuner(config: SweepConfig, storage_path: str, callbacks: list, max_con
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
-            num_samples=config.num_samples, max_concurrent_trials=max_concurrent,
-            # Seeded sampling: the same space file draws the same trials.
-            search_alg=BasicVariantGenerator(random_state=config.trial.seed)),
+            num_samples=config.num_samples,
+            # Seeded sampling: the same space file draws the same trials. A search_alg of our own must
+            # carry the concurrency limit itself (TuneConfig's only reaches the default one).
+            search_alg=BasicVariantGenerator(random_state=config.trial.seed, max_concurrent=max_concurrent)),
         run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=callbacks,
                                   verbose=1, failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -157,11 +158,13 @@ def build_tuner(config: SweepConfig, storage_path: str, callbacks: list, max_con
 
 def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str) -> SweepOutcome:
     """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
-    from runner.tracking import (
-        TrialRuns, Tracker, default_tracking_uri, save_sweep_state, sweep_state_file,
-    )
+    from runner.tracking import Tracker, default_tracking_uri, save_sweep_state, sweep_state_file
 
     storage_path = config.storage
+    # Our MLflow callback queues failed writes and retries them at the next event: no need for the
+    # client's own minutes-long retry loop to stall the sweep driver during an outage.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     state_file = sweep_state_file(storage_path, config.name)
     if resume and not state_file.exists():
         raise UserError(f"--resume: no sweep named {config.name!r} in {storage_path}")
@@ -185,14 +188,26 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
                                                       "experiment": config.experiment, "config": config_dict(config)})
     log.info("sweep %s: up to %d trials at once on %s; MLflow run %s at %s", config.name, max_concurrent,
              {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, sweep_run_id, tracking_uri)
-    callbacks = [TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
-                           config.trial.to_dict(), storage_path)]
+    callbacks = [trial_runs(config, tracking_uri, sweep_run_id)]
     tuner = build_tuner(config, storage_path, callbacks, max_concurrent, restore=resume)
     results = tuner.fit()
     failed = sum(result.error is not None for result in results)
     tracker.client.set_tag(sweep_run_id, "runner.failed_trials", str(failed))
     tracker.client.set_terminated(sweep_run_id, "FINISHED")
     return SweepOutcome(sweep_run_id=sweep_run_id, results=results, path=str(Path(storage_path) / config.name))
+
+
+def trial_runs(config: SweepConfig, tracking_uri: str, sweep_run_id: str):
+    from runner.tracking import TrialRuns
+
+    return TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
+                     config.trial.to_dict(), config.storage, journal_file(config))
+
+
+def journal_file(config: SweepConfig) -> Path:
+    """MLflow updates that could not be written yet (kept beside the sweep state when that is local)."""
+    root = Path(config.storage) if "://" not in config.storage else Path("runs")
+    return root / config.name / "mlflow_pending.jsonl"
 
 
 def config_dict(config: SweepConfig) -> dict[str, Any]:

@@ -6,7 +6,7 @@ the sweep or log the best epoch's adapter from Ray Train checkpoints. Here every
 its tags (`runner.sweep_run_id`, `runner.trial_id`) and every metric step is logged at most once.
 
 All writes go through the driver, so workers need no MLflow access; an MLflow outage costs warnings,
-not training (the failed writes are kept in a local journal and replayed by `Tracker.replay`).
+not training: failed writes wait in a local journal, retried at the next event or by `runner sync`.
 """
 
 from __future__ import annotations
@@ -108,18 +108,37 @@ def first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+def _mlflow_down_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable or failing tracking server raises through MlflowClient (and Tracker)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.exceptions.RequestException, OSError, UserError)
+
+
+MLFLOW_DOWN = _mlflow_down_errors()
+
+
 class TrialRuns(tune.Callback):
-    """Tune callback: one MLflow child run per trial, metrics per epoch once, best adapter, final status."""
+    """Tune callback: one MLflow child run per trial, metrics per epoch once, best adapter, final status.
+
+    Every Tune event becomes a small JSON-able update, applied in order. When MLflow cannot be reached,
+    updates queue up (in memory and in `journal`) and training goes on; the queue is replayed at the
+    next event once MLflow answers again, and `runner sync` replays a journal left after the sweep.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_run_id: str, metric: str, mode: str,
-                 base: dict[str, Any], storage: str):
-        self.tracking_uri, self.experiment, self.storage = tracking_uri, experiment, storage
+                 base: dict[str, Any], storage: str, journal: Path):
+        self.tracking_uri, self.experiment, self.storage, self.journal = tracking_uri, experiment, storage, journal
         self.base = base
         self.sweep_run_id, self.metric, self.mode = sweep_run_id, metric, mode
         self._tracker: Tracker | None = None
         self._runs: dict[str, str] = {}  # trial id -> run id
         self._logged: dict[str, set[int]] = {}  # run id -> epochs already in MLflow
         self._best: dict[str, tuple[float, dict]] = {}  # trial id -> (metric value, result)
+        self._last_epoch: dict[str, int] = {}
+        self._pending: list[dict] = []
+        self._outage = False
 
     # Tune pickles callbacks into its experiment state: drop the live client.
     def __getstate__(self) -> dict:
@@ -131,68 +150,119 @@ class TrialRuns(tune.Callback):
             self._tracker = Tracker(self.tracking_uri, self.experiment)
         return self._tracker
 
-    def run_for(self, trial) -> str:
-        """The trial's child run: found by tag (a resumed sweep) or created once."""
-        from mlflow.entities import Param
-
-        if trial.trial_id not in self._runs:
-            client = self.tracker.client
-            run_id = self.tracker.find_run(**{PARENT_TAG: self.sweep_run_id, TRIAL_TAG: trial.trial_id})
-            if run_id is None:
-                run_id = client.create_run(self.tracker.experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-                    "mlflow.parentRunId": self.sweep_run_id, PARENT_TAG: self.sweep_run_id,
-                    TRIAL_TAG: trial.trial_id, KIND_TAG: "trial", STATUS_TAG: "RUNNING"}).info.run_id
-                # Every setting of the trial (base + sampled), so MLflow's compare view shows them all.
-                client.log_batch(run_id, params=[Param(key, str(value)[:6000]) for key, value in
-                                                 {**self.base, **trial.config}.items()])
-            self._runs[trial.trial_id] = run_id
-            self._logged[run_id] = {int(m.step) for m in client.get_metric_history(run_id, "train_loss")}
-        return self._runs[trial.trial_id]
-
+    # Tune events -> updates
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_for(trial)
+        self.submit({"kind": "start", "trial": trial.trial_id, "config": dict(trial.config)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.run_for(trial)
         epoch = int(result["epoch"])
+        self._last_epoch[trial.trial_id] = max(epoch, self._last_epoch.get(trial.trial_id, 0))
         value = result.get(self.metric)
         if value is not None and not math.isnan(value):
             best = self._best.get(trial.trial_id)
-            better = best is None or (value > best[0] if self.mode == "max" else value < best[0])
-            if better:
-                self._best[trial.trial_id] = (value, dict(result))
-        if epoch in self._logged[run_id]:
-            return  # already logged before a resume or a worker restart
-        from mlflow.entities import Metric
-
-        timestamp = int(result.get("timestamp", 0) * 1000)
-        batch = [Metric(key, float(v), timestamp, epoch) for key, v in result.items()
-                 if key not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self.tracker.client.log_batch(run_id, metrics=batch)
-        self._logged[run_id].add(epoch)
+            if best is None or (value > best[0] if self.mode == "max" else value < best[0]):
+                self._best[trial.trial_id] = (value, {"epoch": epoch, "checkpoint_path": result["checkpoint_path"]})
+        metrics = {key: float(v) for key, v in result.items()
+                   if key not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.submit({"kind": "result", "trial": trial.trial_id, "config": dict(trial.config), "epoch": epoch,
+                     "timestamp": int(result.get("timestamp", 0) * 1000), "metrics": metrics})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self.run_for(trial)
-        client = self.tracker.client
+        config = {**self.base, **trial.config}
         best = self._best.get(trial.trial_id)
-        if best is not None:
-            value, result = best
-            client.log_metric(run_id, f"best_{self.metric}", value, step=int(result["epoch"]))
-            client.set_tag(run_id, "runner.best_epoch", str(int(result["epoch"])))
-            with local_copy(result["checkpoint_path"], self.storage) as checkpoint:
-                client.log_artifacts(run_id, str(checkpoint), "checkpoint")
-        last_epoch = max(self._logged.get(run_id, {0}) or {0})
-        status = "TERMINATED" if last_epoch >= {**self.base, **trial.config}["epochs"] else "STOPPED_EARLY"
-        client.set_tag(run_id, STATUS_TAG, status)
-        client.set_terminated(run_id, "FINISHED")
+        status = "TERMINATED" if self._last_epoch.get(trial.trial_id, 0) >= config["epochs"] else "STOPPED_EARLY"
+        self.submit({"kind": "complete", "trial": trial.trial_id, "config": dict(trial.config), "status": status,
+                     "best": None if best is None else {"value": best[0], **best[1]}})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self.run_for(trial)
+        self.submit({"kind": "error", "trial": trial.trial_id, "config": dict(trial.config),
+                     "reason": trial_error(trial)})
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
+        if self._pending:
+            log.error("%d MLflow updates could not be written (MLflow unreachable); they are kept in %s — "
+                      "run `runner sync SPACE.yaml` once MLflow is back", len(self._pending), self.journal)
+
+    # Applying updates
+    def submit(self, update: dict) -> None:
+        self._pending.append(update)
+        self.flush()
+
+    def flush(self) -> None:
+        """Apply queued updates in order; on an MLflow outage keep the rest (journal) and carry on."""
+        while self._pending:
+            try:
+                self.apply(self._pending[0])
+            except MLFLOW_DOWN as error:
+                if not self._outage:
+                    log.warning("MLflow unreachable (%s); updates are kept in %s and retried at the next "
+                                "event — training goes on", first_line(error), self.journal)
+                self._outage, self._tracker = True, None
+                break
+            self._pending.pop(0)
+        if self._outage and not self._pending:
+            log.warning("MLflow reachable again: every queued update is written")
+            self._outage = False
+        self.write_journal()
+
+    def replay_journal(self) -> int:
+        """Write what an earlier outage left in the journal; return how many updates are still pending."""
+        if self.journal.exists():
+            self._pending = [json.loads(line) for line in self.journal.read_text().splitlines() if line]
+            self._outage = True
+            self.flush()
+        return len(self._pending)
+
+    def write_journal(self) -> None:
+        if self._pending:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            self.journal.write_text("".join(json.dumps(update) + "\n" for update in self._pending))
+        elif self.journal.exists():
+            self.journal.unlink()
+
+    def run_for(self, trial_id: str, config: dict[str, Any]) -> str:
+        """The trial's child run: found by tag (a resumed sweep) or created once."""
+        from mlflow.entities import Param
+
+        if trial_id not in self._runs:
+            client = self.tracker.client
+            run_id = self.tracker.find_run(**{PARENT_TAG: self.sweep_run_id, TRIAL_TAG: trial_id})
+            if run_id is None:
+                run_id = client.create_run(self.tracker.experiment_id, run_name=f"trial-{trial_id}", tags={
+                    "mlflow.parentRunId": self.sweep_run_id, PARENT_TAG: self.sweep_run_id,
+                    TRIAL_TAG: trial_id, KIND_TAG: "trial", STATUS_TAG: "RUNNING"}).info.run_id
+                # Every setting of the trial (base + sampled), so MLflow's compare view shows them all.
+                client.log_batch(run_id, params=[Param(key, str(value)[:6000])
+                                                 for key, value in {**self.base, **config}.items()])
+            self._logged[run_id] = {int(m.step) for m in client.get_metric_history(run_id, "train_loss")}
+            self._runs[trial_id] = run_id
+        return self._runs[trial_id]
+
+    def apply(self, update: dict) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self.run_for(update["trial"], update["config"])
         client = self.tracker.client
-        reason = trial_error(trial)
-        client.set_tag(run_id, STATUS_TAG, "FAILED")
-        client.set_tag(run_id, "runner.error", reason[:5000])
-        client.set_terminated(run_id, "FAILED")
+        if update["kind"] == "result":
+            if update["epoch"] in self._logged[run_id]:
+                return  # already logged before a resume or a worker restart
+            client.log_batch(run_id, metrics=[Metric(key, value, update["timestamp"], update["epoch"])
+                                              for key, value in update["metrics"].items()])
+            self._logged[run_id].add(update["epoch"])
+        elif update["kind"] == "complete":
+            best = update["best"]
+            if best is not None:
+                client.log_metric(run_id, f"best_{self.metric}", best["value"], step=best["epoch"])
+                client.set_tag(run_id, "runner.best_epoch", str(best["epoch"]))
+                with local_copy(best["checkpoint_path"], self.storage) as checkpoint:
+                    client.log_artifacts(run_id, str(checkpoint), "checkpoint")
+            client.set_tag(run_id, STATUS_TAG, update["status"])
+            client.set_terminated(run_id, "FINISHED")
+        elif update["kind"] == "error":
+            client.set_tag(run_id, STATUS_TAG, "FAILED")
+            client.set_tag(run_id, "runner.error", update["reason"][:5000])
+            client.set_terminated(run_id, "FAILED")
 
 
 @contextmanager

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from runner.config import TrialConfig
 from runner.errors import UserError
+from runner.preflight import preflight
 from runner.evaluate import ImageFeatures, compute_image_features, draw_samples, evaluate, majority_exact_match
 from runner.model import (
-    add_lora, check_precision, compute_dtype, encode_answers, encode_prompts, image_token_id, load_blip2, resolve_device,
+    add_lora, check_precision, compute_dtype, resolve_model, encode_answers, encode_prompts, image_token_id, load_blip2, resolve_device,
     text_embeddings,
 )
 from tasks import get_task
@@ -64,6 +65,8 @@ def train_trial(
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     check_precision(config.precision, device)  # before any data is read or memory taken
+    limit_gpu_memory(config, device)
+    preflight(config, resolve_model(config.model), compute_dtype(config.precision, device), device)
 
     task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
                     val_fraction=config.val_fraction, seed=config.seed)
@@ -125,6 +128,13 @@ def train_trial(
         if report is not None:
             report(epoch_metrics, checkpoint)
     return result
+
+
+def limit_gpu_memory(config: TrialConfig, device: torch.device) -> None:
+    """Ray shares a GPU between trials but does not divide its memory: each trial caps itself."""
+    if config.gpu_memory_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, config.gpu_memory_gib * 2**30 / total), device)
 
 
 class PeakMemory:

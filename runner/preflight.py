@@ -1,0 +1,94 @@
+"""Preflight: will this trial fit on this GPU? Answered before any weight is loaded.
+
+The estimate counts the model's weights exactly from its config (built on the meta device: no memory,
+no download beyond config.json) at the bytes each precision stores, plus the language model's
+training activations per question, calibrated on an H100-class card with the full-size
+blip2-flan-t5-xl (see docs/PERFORMANCE.md). It is an estimate: it refuses only what clearly will not
+fit, with a margin, and says what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from runner.config import TrialConfig
+from runner.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+# Training memory of one question in the language model beyond the resident weights, in bytes per
+# (d_model x layers): 0.43 GiB per question for Flan-T5-XL (2048 x 48) int8, with bf16 and with fp32
+# dense weights alike (prepare_model_for_kbit_training computes in fp32): docs/PERFORMANCE.md.
+ACTIVATION_BYTES_PER_UNIT = 4_700
+CHECKPOINTING_SAVES = 0.3  # measured: 0.12 vs 0.43 GiB per question with gradient checkpointing
+CUDA_CONTEXT_GIB = 0.5  # the CUDA context and allocator slack, never available to tensors
+MARGIN = 0.9  # plan to use at most 90% of what the card offers
+
+
+@dataclass
+class Estimate:
+    weights_gib: float
+    activations_gib: float
+    total_gib: float
+    available_gib: float
+
+    @property
+    def fits(self) -> bool:
+        return self.total_gib <= self.available_gib * MARGIN
+
+
+def weight_bytes(model_name: str, precision: str, compute_dtype: torch.dtype, revision: str | None) -> int:
+    """Bytes of the weights as loaded at `precision` (bitsandbytes quantises Linear layers only)."""
+    from transformers import AutoConfig, Blip2ForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_name, revision=revision)
+    with torch.device("meta"):
+        model = Blip2ForConditionalGeneration(config)
+    dense = torch.finfo(compute_dtype).bits // 8
+    quantised = {"int8": 1.0, "nf4": 0.5}.get(precision)
+    total = 0.0
+    for name, module in model.named_modules():
+        for _, parameter in module.named_parameters(recurse=False):
+            if name.startswith("qformer") or name == "":  # kept in fp32 by transformers (query_tokens too)
+                total += parameter.numel() * 4
+            elif quantised and isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+                total += parameter.numel() * quantised
+            else:
+                total += parameter.numel() * dense
+    return int(total)
+
+
+def estimate(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, device: torch.device) -> Estimate:
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(model_path, revision=config.model_revision).text_config
+    layers = text.num_layers + text.num_decoder_layers
+    per_question = ACTIVATION_BYTES_PER_UNIT * text.d_model * layers
+    if config.gradient_checkpointing:
+        per_question *= CHECKPOINTING_SAVES
+    weights = weight_bytes(model_path, config.precision, compute_dtype, config.model_revision)
+    activations = per_question * max(config.batch_size, config.eval_batch_size // 4)
+    free, _ = torch.cuda.mem_get_info(device)
+    cap = config.gpu_memory_gib * GIB if config.gpu_memory_gib else free
+    available = min(free, cap) / GIB - CUDA_CONTEXT_GIB
+    return Estimate(weights / GIB, activations / GIB, (weights + activations) / GIB, available)
+
+
+def preflight(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse, with what to change, a trial that will not fit on `device`; log the estimate otherwise."""
+    if device.type != "cuda":
+        return
+    result = estimate(config, model_path, compute_dtype, device)
+    name = torch.cuda.get_device_name(device)
+    summary = (f"estimated peak {result.total_gib:.1f} GiB (weights {result.weights_gib:.1f}, training "
+               f"activations at batch {config.batch_size} {result.activations_gib:.1f}) of "
+               f"{result.available_gib:.1f} GiB available on {name}")
+    if not result.fits:
+        raise UserError(
+            f"batch_size: trial will not fit: {summary}. Try a smaller batch_size with more grad_accum, "
+            f"gradient_checkpointing: true, or precision nf4")
+    log.info("preflight: %s", summary)
