@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ def connect(address: str | None) -> dict[str, float]:
         # A throwaway local cluster needs no token; a real cluster keeps Ray's token auth.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        check_reachable(address)
     if not ray.is_initialized():
         try:
             ray.init(address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
@@ -46,6 +49,19 @@ def connect(address: str | None) -> dict[str, float]:
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from error
     return ray.cluster_resources()
+
+
+def check_reachable(address: str) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens at host:port."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected host:port, auto, or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({error})") from error
 
 
 def concurrency(config: SweepConfig, resources: dict[str, float]) -> int:
@@ -156,6 +172,38 @@ def build_tuner(config: SweepConfig, storage_path: str, callbacks: list, max_con
     )
 
 
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,254}$")
+
+
+def check_inputs(config: SweepConfig) -> None:
+    """What would otherwise fail inside every trial, checked once on the driver: the data loads, every
+    n_samples the space can draw fits the train split, the model directory exists, int8 has a GPU."""
+    from runner.model import TINY_MODEL
+    from tasks import get_task
+
+    if not MODEL_NAME.match(config.registered_model):
+        raise UserError(f"registered_model: {config.registered_model!r} is not a valid MLflow model name "
+                        "(letters, digits, '.', '_', '-', spaces)")
+    trial = config.trial
+    if trial.precision in ("int8", "nf4") and config.resources.gpu == 0:
+        raise UserError(f"trial.precision: {trial.precision} needs a GPU per trial (resources.gpu > 0); "
+                        "on CPU use fp32 or bf16")
+    if "/" in trial.model and (trial.model.startswith((".", "/")) or Path(trial.model).exists()):
+        if not (Path(trial.model) / "config.json").exists():
+            raise UserError(f"trial.model: {trial.model} is not a saved BLIP-2 directory (no config.json)")
+    elif trial.model != TINY_MODEL and "/" not in trial.model:
+        raise UserError(f"trial.model: {trial.model!r} is neither a hub id (owner/name), a local directory "
+                        f"nor {TINY_MODEL!r}")
+    task = get_task(trial.task, data=trial.data, skip_bad_images=trial.skip_bad_images,
+                    val_fraction=trial.val_fraction, seed=trial.seed)
+    size = len(task.load_split("train").examples)
+    domain = config.space.get("n_samples")
+    drawn = [trial.n_samples] if domain is None else list(next(iter(domain.values())))
+    largest = max((n for n in drawn if n is not None), default=None)
+    if largest is not None and largest > size:
+        raise UserError(f"n_samples: {largest} is larger than the {trial.task} train split ({size} questions)")
+
+
 def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str) -> SweepOutcome:
     """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
     from runner.tracking import Tracker, default_tracking_uri, save_sweep_state, sweep_state_file
@@ -171,6 +219,7 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
     if not resume and state_file.exists():
         raise UserError(f"name: a sweep {config.name!r} already exists in {storage_path}; "
                         f"pass --resume to continue it or choose another name (name=...)")
+    check_inputs(config)  # data, model, sizes: before anything is written or started
     tracking_uri = config.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, config.experiment)  # fails fast (exit 2) on an unusable URI
     resources = connect(address)
