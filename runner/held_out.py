@@ -41,10 +41,12 @@ def evaluate_packed(files: dict[str, bytes], test_max_examples: int | None, *, w
 
 def evaluate_on_test(files: dict[str, bytes], test_max_examples: int | None,
                      resources: dict[str, float] | None, **options):
-    """`evaluate_packed`, as a Ray task with `resources` when Ray is connected, else in this process."""
+    """`evaluate_packed`, as a Ray task asking for `resources` when they include a GPU and Ray is
+    connected (on a cluster that lands on a GPU worker); else in this process, which saves a worker's
+    start-up and reuses the data this process already decoded."""
     import ray
 
-    if resources is None or not ray.is_initialized():
+    if resources is None or not resources.get("gpu") or not ray.is_initialized():
         return evaluate_packed(files, test_max_examples, **options)
     task = ray.remote(evaluate_packed).options(num_cpus=resources["cpu"], num_gpus=resources["gpu"])
     return ray.get(task.remote(files, test_max_examples, **options))

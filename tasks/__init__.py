@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from runner.errors import UserError
 from tasks.base import Task
 from tasks.easy_vqa import EasyVQA
@@ -13,6 +15,7 @@ TASKS: dict[str, type[EasyVQA] | type[VQARad]] = {
 }
 
 
+@functools.lru_cache(maxsize=8)
 def get_task(
     name: str,
     *,
@@ -22,6 +25,8 @@ def get_task(
     seed: int = 0,
 ) -> Task:
     """Build the task called `name`; nothing is loaded until `load_split`.
+
+    Cached: one process (a sweep driver scoring several stages) decodes a split's images once.
 
     `data` is the task's data source (None: its default), `val_fraction` and `seed` fix the
     validation carve, `skip_bad_images` drops (and counts) records whose image cannot be read
