@@ -100,7 +100,7 @@ def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, mode
             champion = client.get_model_version_by_alias(model_name, ALIAS)
         except MlflowException:
             champion = None
-        if champion is not None and champion.version == version.version:
+        if champion is not None and str(champion.version) == str(version.version):
             return Promotion(version.version, best.info.run_id, ours, champion.version, False,
                              f"version {version.version} is already the {ALIAS}")
         if champion is not None:

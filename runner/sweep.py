@@ -40,6 +40,9 @@ def connect(address: str | None) -> dict[str, float]:
         # A throwaway local cluster needs no token; a real cluster keeps Ray's token auth.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # A resumed trial whose Train run had already finished returns without reporting again; Tune's
+    # strict check would turn that into an error for the whole sweep.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     if address not in (None, "auto") and not address.startswith("ray://"):
         check_reachable(address)
     if not ray.is_initialized():
@@ -100,7 +103,7 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker=worker_loop,
-        train_loop_config={"trial": config.to_dict(), "threads": max(1, int(cpu))},
+        train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu))},
         scaling_config=train.ScalingConfig(num_workers=1, use_gpu=gpu > 0,
                                            resources_per_worker={"CPU": cpu, **({"GPU": gpu} if gpu else {})}),
         run_config=train.RunConfig(

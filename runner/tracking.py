@@ -155,6 +155,8 @@ class TrialRuns(tune.Callback):
         self.submit({"kind": "start", "trial": trial.trial_id, "config": dict(trial.config)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result:
+            return  # a resumed trial whose Train run had already finished: nothing new to log
         epoch = int(result["epoch"])
         self._last_epoch[trial.trial_id] = max(epoch, self._last_epoch.get(trial.trial_id, 0))
         value = result.get(self.metric)

@@ -61,7 +61,7 @@ def test_champion_moves_only_for_a_better_model(store):
     versions = {int(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
     assert sorted(versions) == [1, 2, 3]
     champion = client.get_model_version_by_alias(MODEL, "champion")
-    assert champion.version == "2"  # the quick-start beat weak (v1); weak2 (v3) did not beat it
+    assert str(champion.version) == "2"  # the quick-start beat weak (v1); weak2 (v3) did not beat it
     assert float(versions[2].tags["test_exact_match"]) > float(versions[1].tags["test_exact_match"])
     assert float(versions[3].tags["test_exact_match"]) < float(versions[2].tags["test_exact_match"])
     assert "does not beat champion" in store["stdout"]["weak2"]

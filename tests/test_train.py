@@ -47,7 +47,9 @@ def test_resume_from_epoch_one_equals_uninterrupted(two_epochs, tmp_path):
     result = run_cli("train", *TRIAL, "--output", str(resumed), "--resume", str(two_epochs / "epoch-001"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (resumed / "epoch-001").exists()  # epoch 1 was not trained again
-    assert history(resumed, 2) == history(two_epochs, 2)
+    timing = {"train_samples_per_second"}  # wall-clock, the only thing allowed to differ
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in timing} for row in rows]  # noqa: E731
+    assert strip(history(resumed, 2)) == strip(history(two_epochs, 2))
     ours = load_file(resumed / "epoch-002" / "adapter" / "adapter_model.safetensors")
     theirs = load_file(two_epochs / "epoch-002" / "adapter" / "adapter_model.safetensors")
     assert ours.keys() == theirs.keys()
