@@ -14,12 +14,15 @@ import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import TYPE_CHECKING, Any, get_args, get_origin
 
 import click
 
 from runner.config import TrialConfig, build, field_docs
 from runner.errors import UserError
+
+if TYPE_CHECKING:
+    from runner.tracking import Tracker
 
 ALIASES = {"learning_rate": ["--lr"]}  # short forms people type
 
@@ -107,24 +110,29 @@ def train(output: Path | None, resume: Path | None, **options: Any) -> None:
 
 @main.command("eval")
 @trial_options
-@click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
-              help="A checkpoint (epoch-NNN) or adapter directory; omit to score the bare model.")
+@click.option("--adapter", default=None,
+              help="A checkpoint (epoch-NNN) or adapter directory, `runs:/<trial run id>` or "
+                   "`models:/<name>@champion`; omit to score the bare model.")
+@click.option("--tracking-uri", default=None,
+              help="MLflow for runs:/ and models:/ adapters [default: sqlite in ./mlruns].")
 @click.option("--stage", type=click.Choice(["zero-shot", "one-shot", "adapter"]), default=None,
               help="zero-shot: the bare model; one-shot: the bare model with a train exemplar in the prompt; "
                    "adapter: --adapter's fine-tuned model [default: adapter if --adapter, else zero-shot].")
 @click.option("--split", type=click.Choice(["validation", "test"]), default="validation", show_default=True)
 @click.option("--predictions", type=click.Path(path_type=Path), default=None,
               help="Write per-question predictions here (.jsonl or .csv).")
-def evaluate_command(adapter: Path | None, stage: str | None, split: str, predictions: Path | None,
-                     **options: Any) -> None:
+def evaluate_command(adapter: str | None, tracking_uri: str | None, stage: str | None, split: str,
+                     predictions: Path | None, **options: Any) -> None:
     """Score an adapter (or the bare model) on a split; print metrics, save per-question predictions."""
     from runner.evaluate import checkpoint_config, score_adapter, write_predictions
+    from runner.tracking import fetch_adapter
 
     stage = stage or ("adapter" if adapter else "zero-shot")
     if (stage == "adapter") != (adapter is not None):
         raise UserError("--stage adapter needs --adapter, and only it takes one")
-    config = checkpoint_config(adapter, given(options))
-    result = score_adapter(config, adapter, split, one_shot=stage == "one-shot")
+    local = fetch_adapter(adapter, tracking_uri) if adapter else None
+    config = checkpoint_config(local, given(options))
+    result = score_adapter(config, local, split, one_shot=stage == "one-shot")
     if predictions is not None:
         write_predictions(result.rows, predictions)
         click.echo(f"predictions: {predictions}")
@@ -151,8 +159,7 @@ def tune(space: Path, overrides: tuple[str, ...], address: str | None, resume: b
     if config.promote and not no_promote:
         promote_sweep(config, resources={"cpu": config.resources.cpu, "gpu": config.resources.gpu})
         write_sweep_report(config, Path("runs") / "reports" / config.name)
-    click.echo(f"MLflow: mlflow ui --backend-store-uri {config.tracking_uri or default_store()} "
-               f"--host 127.0.0.1  (sweep run {outcome.sweep_run_id})")
+    click.echo(mlflow_hint(config.tracking_uri or default_store(), outcome.sweep_run_id))
 
 
 @main.command()
@@ -182,25 +189,37 @@ def sync(space: Path, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("space", type=click.Path(path_type=Path))
+@click.argument("sweep")
 @click.argument("overrides", nargs=-1)
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI [default: the SPACE file's, else sqlite in ./mlruns].")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for report.md and the figures [default: runs/reports/<sweep name>].")
-def report(space: Path, overrides: tuple[str, ...], out: Path | None) -> None:
-    """Write the sweep's markdown report and figures from MLflow (also logged to the sweep run)."""
+def report(sweep: str, overrides: tuple[str, ...], tracking_uri: str | None, out: Path | None) -> None:
+    """Write the markdown report and figures of SWEEP — a sweep name, its MLflow run id, or its SPACE.yaml
+    (with OVERRIDES) — from MLflow alone; they are also logged to the sweep's run."""
     from runner.config import load_sweep
+    from runner.report import write_report
+    from runner.tracking import find_sweep
 
-    config = load_sweep(space, list(overrides))
-    write_sweep_report(config, out or Path("runs") / "reports" / config.name)
+    if sweep.endswith((".yaml", ".yml")):
+        config = load_sweep(Path(sweep), list(overrides))
+        sweep, tracking_uri = config.name, tracking_uri or config.tracking_uri
+    elif overrides:
+        raise UserError(f"overrides {' '.join(overrides)!r}: only a SPACE.yaml takes key=value overrides")
+    tracker, run_id = find_sweep(tracking_uri or default_store(), sweep)
+    name = tracker.client.get_run(run_id).data.tags.get("runner.sweep", sweep)
+    path = write_report(tracker, run_id, out or Path("runs") / "reports" / name)
+    click.echo(f"report: {path} (and in MLflow: sweep run {run_id}, artifacts/report)")
 
 
 def sweep_state(config) -> tuple[dict, "Tracker"]:
     """The sweep's saved state (MLflow run id, tracking URI) and a tracker for it."""
     from runner.tracking import Tracker, sweep_state_file
 
-    state_file = sweep_state_file(config.storage, config.name)
+    state_file = sweep_state_file(config.state_dir)
     if not state_file.exists():
-        raise UserError(f"name: no sweep named {config.name!r} in {config.storage}")
+        raise UserError(f"name: no sweep named {config.name!r} in {config.state_dir.parent}")
     state = json.loads(state_file.read_text())
     return state, Tracker(state["tracking_uri"], state["experiment"])
 
@@ -209,26 +228,33 @@ def write_sweep_report(config, out: Path) -> None:
     from runner.report import write_report
 
     state, tracker = sweep_state(config)
-    path = write_report(tracker, state["sweep_run_id"], config, out)
+    path = write_report(tracker, state["sweep_run_id"], out)
     click.echo(f"report: {path} (and in MLflow: sweep run {state['sweep_run_id']}, artifacts/report)")
 
 
 def promote_sweep(config, resources: dict[str, float] | None = None) -> None:
+    """Promotion, then the stage runs, holding the model's lock (concurrent calls run one after the other)."""
     from runner.promote import promote as promote_best
-    from runner.tracking import sweep_state_file
-
-    state, tracker = sweep_state(config)
-    state_file = sweep_state_file(config.storage, config.name)
-    outcome = promote_best(tracker, sweep_run_id=state["sweep_run_id"], metric=config.metric, mode=config.mode,
-                           model_name=config.registered_model, lock_path=state_file.with_name("promote.lock"),
-                           test_max_examples=config.test_max_examples, resources=resources)
-    click.echo(f"promotion: {outcome.message}")
-    click.echo(f"registered model: models:/{config.registered_model}/{outcome.version} "
-               f"(champion: models:/{config.registered_model}@champion)")
+    from runner.promote import promotion_lock
     from runner.stages import compare_stages
 
-    compare_stages(tracker, sweep_run_id=state["sweep_run_id"], trial_run_id=outcome.run_id,
-                   test_max_examples=config.test_max_examples, resources=resources)
+    state, tracker = sweep_state(config)
+    with promotion_lock(config.state_dir.parent / f"promote-{config.registered_model}.lock"):
+        outcome = promote_best(tracker, sweep_run_id=state["sweep_run_id"], metric=config.metric, mode=config.mode,
+                               model_name=config.registered_model, test_max_examples=config.test_max_examples,
+                               resources=resources)
+        click.echo(f"promotion: {outcome.message}")
+        click.echo(f"registered model: models:/{config.registered_model}/{outcome.version} "
+                   f"(champion: models:/{config.registered_model}@champion)")
+        compare_stages(tracker, sweep_run_id=state["sweep_run_id"], trial_run_id=outcome.run_id,
+                       test_max_examples=config.test_max_examples, resources=resources)
+
+
+def mlflow_hint(tracking_uri: str, sweep_run_id: str) -> str:
+    """Where to look at the sweep: a server's own UI, or the line that serves a local store on loopback."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow: open {tracking_uri} (sweep run {sweep_run_id})"
+    return f"MLflow: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  (sweep run {sweep_run_id})"
 
 
 def default_store() -> str:

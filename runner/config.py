@@ -7,6 +7,7 @@ rejecting unknown keys and wrong types with a message that names the key and whe
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -267,11 +268,26 @@ class SweepConfig:
             raise UserError(f"max_concurrent_trials: invalid value {self.max_concurrent_trials!r}")
         if self.max_failures < 0:
             raise UserError(f"max_failures: invalid value {self.max_failures!r}")
+        check_tracking_uri(self.tracking_uri, "tracking_uri")
 
     @property
     def storage(self) -> str:
         """`storage_path` as Ray wants it: a URI as given, a local path made absolute."""
         return self.storage_path if "://" in self.storage_path else str(Path(self.storage_path).resolve())
+
+    @property
+    def state_dir(self) -> Path:
+        """The driver's own small files of this sweep (MLflow run id, outage journal): inside Ray's
+        storage when that is local, else in ./runs/sweeps (on a cluster: the head, where the driver runs)."""
+        root = Path(self.storage) if "://" not in self.storage else Path("runs") / "sweeps"
+        return root / self.name
+
+
+def check_tracking_uri(uri: str | None, where: str) -> None:
+    """MLflow prints the tracking URI in its own messages ("View run at ..."): no secrets in it."""
+    if uri and re.match(r"^\w+://[^/@]+@", uri):
+        raise UserError(f"{where}: the URI holds credentials, which MLflow would print; set "
+                        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
 
 
 def check_space(space: dict[str, Any], base: TrialConfig, source: str) -> dict[str, dict[str, Any]]:
@@ -324,6 +340,11 @@ def load_sweep(path: Path, overrides: list[str] = ()) -> SweepConfig:
             if not isinstance(target, dict):
                 raise UserError(f"override {override!r}: {parent} is not a mapping")
         target[leaf] = yaml.safe_load(raw)
+    return sweep_from_dict(values, source)
+
+
+def sweep_from_dict(values: dict[str, Any], source: str) -> SweepConfig:
+    """A SweepConfig from plain values (a YAML file, or the copy logged to the sweep's MLflow run)."""
     values = dict(values)
     sections = {"trial": TrialConfig, "scheduler": SchedulerConfig, "resources": ResourcesConfig}
     for section, cls in sections.items():

@@ -2,7 +2,7 @@
 the `champion` alias moves to it only if it beats the current champion on the same test set.
 
 Guarded and idempotent: a trial run is registered at most once (found again by its run id), the
-alias never moves to a worse model, and a file lock serialises promotions of the same sweep.
+alias never moves to a worse model, and a file lock serialises promotions to the same model.
 Lineage tags on the version: sweep run, trial params, data fingerprints, base model, code version.
 """
 
@@ -51,7 +51,7 @@ def best_trial_run(tracker: Tracker, sweep_run_id: str, metric: str, mode: str):
 
 @contextmanager
 def promotion_lock(path: Path) -> Iterator[None]:
-    """Two promotions of one sweep at once would both see "not registered yet": serialise them."""
+    """Promotions to one registered model, one at a time (an flock: processes of one machine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -62,9 +62,9 @@ def promotion_lock(path: Path) -> Iterator[None]:
 
 
 def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, model_name: str,
-            lock_path: Path, test_max_examples: int | None, resources: dict[str, float] | None = None
-            ) -> Promotion:
+            test_max_examples: int | None, resources: dict[str, float] | None = None) -> Promotion:
     """Register the sweep's best trial (once) and move `champion` to it if it is better on test.
+    Call it holding `promotion_lock`, or two promotions may both register and both move the alias.
 
     With `resources` (and Ray connected) the test evaluation runs as a Ray task that asks for them,
     so on a cluster it lands on a GPU worker; files travel through Ray, MLflow stays on the head.
@@ -77,46 +77,45 @@ def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, mode
     best = best_trial_run(tracker, sweep_run_id, metric, mode)
     test_metric_name = "test_" + metric.removeprefix("val_")
     client = tracker.client
-    with promotion_lock(lock_path):
-        existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{best.info.run_id}'")
-        if existing:
-            version = existing[0]
-        else:
-            checkpoint = download_checkpoint(tracker.tracking_uri, best.info.run_id)
-            result, processor_files = evaluate_on_test(pack(checkpoint), test_max_examples, resources,
-                                                       with_adapter=True, save_processor=True)
-            processor_dir = unpack(processor_files, Path(tempfile.mkdtemp(prefix="runner-processor-")))
-            trial = checkpoint_config(checkpoint, {"max_eval_examples": test_max_examples})
-            client.log_batch(best.info.run_id, metrics=[
-                mlflow.entities.Metric(f"test_{k}", float(v), 0, 0) for k, v in result.scores.items()])
-            predictions = processor_dir.parent / "test_predictions.jsonl"
-            write_predictions(result.rows, predictions)
-            client.log_artifact(best.info.run_id, str(predictions))
-            version = register(tracker, best, checkpoint, processor_dir, trial, model_name, result.scores,
-                               result.fingerprint, sweep_run_id)
-        tags = version.tags
-        ours = float(tags[test_metric_name])
-        try:
-            champion = client.get_model_version_by_alias(model_name, ALIAS)
-        except MlflowException:
-            champion = None
-        if champion is not None and str(champion.version) == str(version.version):
+    existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{best.info.run_id}'")
+    if existing:
+        version = existing[0]
+    else:
+        checkpoint = download_checkpoint(tracker.tracking_uri, best.info.run_id)
+        result, processor_files = evaluate_on_test(pack(checkpoint), test_max_examples, resources,
+                                                   with_adapter=True, save_processor=True)
+        processor_dir = unpack(processor_files, Path(tempfile.mkdtemp(prefix="runner-processor-")))
+        trial = checkpoint_config(checkpoint, {"max_eval_examples": test_max_examples})
+        client.log_batch(best.info.run_id, metrics=[
+            mlflow.entities.Metric(f"test_{k}", float(v), 0, 0) for k, v in result.scores.items()])
+        predictions = processor_dir.parent / "test_predictions.jsonl"
+        write_predictions(result.rows, predictions)
+        client.log_artifact(best.info.run_id, str(predictions))
+        version = register(tracker, best, checkpoint, processor_dir, trial, model_name, result.scores,
+                           result.fingerprint, sweep_run_id)
+    tags = version.tags
+    ours = float(tags[test_metric_name])
+    try:
+        champion = client.get_model_version_by_alias(model_name, ALIAS)
+    except MlflowException:
+        champion = None
+    if champion is not None and str(champion.version) == str(version.version):
+        return Promotion(version.version, best.info.run_id, ours, champion.version, False,
+                         f"version {version.version} is already the {ALIAS}")
+    if champion is not None:
+        if champion.tags.get("test_fingerprint") != tags["test_fingerprint"]:
             return Promotion(version.version, best.info.run_id, ours, champion.version, False,
-                             f"version {version.version} is already the {ALIAS}")
-        if champion is not None:
-            if champion.tags.get("test_fingerprint") != tags["test_fingerprint"]:
-                return Promotion(version.version, best.info.run_id, ours, champion.version, False,
-                                 f"{ALIAS} v{champion.version} was scored on a different test set "
-                                 f"({champion.tags.get('task')}); not comparable, {ALIAS} left in place")
-            theirs = float(champion.tags.get(test_metric_name, "nan"))
-            better = ours > theirs if mode == "max" else ours < theirs
-            if not better:
-                return Promotion(version.version, best.info.run_id, ours, champion.version, False,
-                                 f"v{version.version} {test_metric_name}={ours:.4f} does not beat {ALIAS} "
-                                 f"v{champion.version} ({theirs:.4f}); {ALIAS} left in place")
-        client.set_registered_model_alias(model_name, ALIAS, version.version)
-        return Promotion(version.version, best.info.run_id, ours, champion.version if champion else None, True,
-                         f"{ALIAS} -> v{version.version} ({test_metric_name}={ours:.4f})")
+                             f"{ALIAS} v{champion.version} was scored on a different test set "
+                             f"({champion.tags.get('task')}); not comparable, {ALIAS} left in place")
+        theirs = float(champion.tags.get(test_metric_name, "nan"))
+        better = ours > theirs if mode == "max" else ours < theirs
+        if not better:
+            return Promotion(version.version, best.info.run_id, ours, champion.version, False,
+                             f"v{version.version} {test_metric_name}={ours:.4f} does not beat {ALIAS} "
+                             f"v{champion.version} ({theirs:.4f}); {ALIAS} left in place")
+    client.set_registered_model_alias(model_name, ALIAS, version.version)
+    return Promotion(version.version, best.info.run_id, ours, champion.version if champion else None, True,
+                     f"{ALIAS} -> v{version.version} ({test_metric_name}={ours:.4f})")
 
 
 def register(tracker: Tracker, run, checkpoint: Path, processor_dir: Path, trial, model_name: str,

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.config import SweepConfig
+from runner.config import SweepConfig, sweep_from_dict
 from runner.tracking import KIND_TAG, PARENT_TAG, STATUS_TAG, Tracker
 
 # Published VQA-RAD results, for orientation only (BLEU-1 / F1, %). Our rows are never mixed in.
@@ -99,9 +99,20 @@ def read_sweep(tracker: Tracker, sweep_run_id: str, metric: str) -> SweepRecord:
     return SweepRecord(parent, trials, stages, histories)
 
 
-def write_report(tracker: Tracker, sweep_run_id: str, config: SweepConfig, out_dir: Path) -> Path:
+def logged_config(tracker: Tracker, sweep_run_id: str) -> SweepConfig:
+    """The sweep's settings as its MLflow run recorded them (`search_space.json`)."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="runner-report-") as folder:
+        path = tracker.client.download_artifacts(sweep_run_id, "search_space.json", folder)
+        return sweep_from_dict(json.loads(Path(path).read_text()), f"MLflow run {sweep_run_id}: search_space.json")
+
+
+def write_report(tracker: Tracker, sweep_run_id: str, out_dir: Path) -> Path:
     """Markdown + PNG figures into out_dir, also logged under the sweep run's `report/` artifacts."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = logged_config(tracker, sweep_run_id)
     record = read_sweep(tracker, sweep_run_id, config.metric)
     tags = record.parent.data.tags
     metric, keys = config.metric, list(config.space)

@@ -159,7 +159,7 @@ def build_tuner(config: SweepConfig, storage_path: str, callbacks: list, max_con
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if restore:
-        return tune.Tuner.restore(str(Path(storage_path) / config.name), trainable=trainable,
+        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{config.name}", trainable=trainable,  # a URI too
                                   param_space=param_space, resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
@@ -181,7 +181,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,254}$")
 def check_inputs(config: SweepConfig) -> None:
     """What would otherwise fail inside every trial, checked once on the driver: the data loads, every
     n_samples the space can draw fits the train split, the model directory exists, int8 has a GPU."""
-    from runner.model import TINY_MODEL
+    from runner.model import TINY_MODEL, resolve_model
     from tasks import get_task
 
     if not MODEL_NAME.match(config.registered_model):
@@ -205,6 +205,8 @@ def check_inputs(config: SweepConfig) -> None:
     largest = max((n for n in drawn if n is not None), default=None)
     if largest is not None and largest > size:
         raise UserError(f"n_samples: {largest} is larger than the {trial.task} train split ({size} questions)")
+    if trial.model == TINY_MODEL:
+        resolve_model(TINY_MODEL)  # built once here, not by each of the first trials at the same time
 
 
 def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str) -> SweepOutcome:
@@ -216,7 +218,7 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
     # client's own minutes-long retry loop to stall the sweep driver during an outage.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    state_file = sweep_state_file(storage_path, config.name)
+    state_file = sweep_state_file(config.state_dir)
     if resume and not state_file.exists():
         raise UserError(f"--resume: no sweep named {config.name!r} in {storage_path}")
     if not resume and state_file.exists():
@@ -236,7 +238,7 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
         sweep_run_id = tracker.start_sweep(config.name, config_dict(config), command, tags={
             "runner.task": config.trial.task, "runner.base_model": config.trial.model,
             "runner.precision": config.trial.precision})
-        save_sweep_state(storage_path, config.name, {"sweep_run_id": sweep_run_id, "tracking_uri": tracking_uri,
+        save_sweep_state(config.state_dir, {"sweep_run_id": sweep_run_id, "tracking_uri": tracking_uri,
                                                       "experiment": config.experiment, "config": config_dict(config)})
     log.info("sweep %s: up to %d trials at once on %s; MLflow run %s at %s", config.name, max_concurrent,
              {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, sweep_run_id, tracking_uri)
@@ -246,7 +248,7 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
     failed = sum(result.error is not None for result in results)
     tracker.client.set_tag(sweep_run_id, "runner.failed_trials", str(failed))
     tracker.client.set_terminated(sweep_run_id, "FINISHED")
-    return SweepOutcome(sweep_run_id=sweep_run_id, results=results, path=str(Path(storage_path) / config.name))
+    return SweepOutcome(sweep_run_id=sweep_run_id, results=results, path=f"{storage_path.rstrip('/')}/{config.name}")
 
 
 def trial_runs(config: SweepConfig, tracking_uri: str, sweep_run_id: str):
@@ -257,9 +259,8 @@ def trial_runs(config: SweepConfig, tracking_uri: str, sweep_run_id: str):
 
 
 def journal_file(config: SweepConfig) -> Path:
-    """MLflow updates that could not be written yet (kept beside the sweep state when that is local)."""
-    root = Path(config.storage) if "://" not in config.storage else Path("runs")
-    return root / config.name / "mlflow_pending.jsonl"
+    """MLflow updates that could not be written yet."""
+    return config.state_dir / "mlflow_pending.jsonl"
 
 
 def config_dict(config: SweepConfig) -> dict[str, Any]:

@@ -78,10 +78,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runner.model import encode_answers, encode_prompts, image_token_id, text_embeddings
+
 if TYPE_CHECKING:
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor, PreTrainedTokenizerFast
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")  # the build always runs on CPU (deterministic, and GPU-less machines need it)
 
 TINY_VERSION = "2"  # "1" named intermediate recipes while this file was being developed
 
@@ -340,11 +343,6 @@ def _build_processor(recipe: Recipe) -> Blip2Processor:
     return Blip2Processor(image_processor, tokenizer, num_query_tokens=recipe.num_query_tokens)
 
 
-def _image_token_id(processor: Blip2Processor) -> int:
-    token = processor.image_token
-    return processor.tokenizer.convert_tokens_to_ids(getattr(token, "content", token))
-
-
 def _build_model(recipe: Recipe, processor: Blip2Processor) -> Blip2ForConditionalGeneration:
     from transformers import (
         Blip2Config,
@@ -393,7 +391,7 @@ def _build_model(recipe: Recipe, processor: Blip2Processor) -> Blip2ForCondition
         qformer_config=qformer.to_dict(),
         text_config=text.to_dict(),
         num_query_tokens=recipe.num_query_tokens,
-        image_token_index=_image_token_id(processor),
+        image_token_index=image_token_id(processor),
     )
     model = Blip2ForConditionalGeneration(config)
     with torch.no_grad():
@@ -505,8 +503,7 @@ def _stage2(
     model: Blip2ForConditionalGeneration, processor: Blip2Processor, data: _Data, recipe: Recipe, log_every: int
 ) -> dict[str, Any]:
     """Captioning + image-text matching through T5; the image path up to the Q-Former is frozen."""
-    tokenizer = processor.tokenizer
-    image_token = _image_token_id(processor)
+    image_token = image_token_id(processor)
     both = (data.colour != NO_LABEL) & (data.shape != NO_LABEL)
     train, held = data.train[both[data.train]], data.held_out[both[data.held_out]]
     with torch.no_grad():
@@ -522,9 +519,9 @@ def _stage2(
         pick = torch.randint(0, len(train), (recipe.stage2_batch,), generator=generator)
         colours, shapes = data.colour[train[pick]].tolist(), data.shape[train[pick]].tolist()
         prompts, targets = _stage2_examples(colours, shapes, generator, recipe.itm_fraction)
-        inputs = _encode_prompts(processor, prompts, image_token)
-        embeds = _embed(model, inputs["input_ids"], model.language_projection(cached[pick]), image_token)
-        labels = _encode_targets(tokenizer, targets)
+        inputs = encode_prompts(processor, prompts, CPU)
+        embeds = text_embeddings(model, inputs["input_ids"], model.language_projection(cached[pick]), image_token)
+        labels = encode_answers(processor, targets, CPU)
         return model.language_model(
             inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=labels
         ).loss
@@ -559,40 +556,14 @@ def _mean(values: Iterable[bool]) -> float:
     return round(float(np.mean(list(values))), 4)
 
 
-def _encode_prompts(processor: Blip2Processor, prompts: list[str], image_token: int) -> dict[str, torch.Tensor]:
-    """Image tokens in front of the tokenised prompts, as `Blip2Processor` lays them out."""
-    batch = processor.tokenizer(prompts, padding=True, return_tensors="pt")
-    image_ids = torch.full((len(prompts), processor.num_query_tokens), image_token, dtype=torch.long)
-    return {
-        "input_ids": torch.cat([image_ids, batch["input_ids"]], dim=1),
-        "attention_mask": torch.cat([torch.ones_like(image_ids), batch["attention_mask"]], dim=1),
-    }
-
-
-def _encode_targets(tokenizer: PreTrainedTokenizerFast, targets: list[str]) -> torch.Tensor:
-    """T5 decoder labels: the target tokens + </s>, padding masked out."""
-    labels = tokenizer(targets, padding=True, return_tensors="pt")["input_ids"]
-    labels[labels == tokenizer.pad_token_id] = NO_LABEL
-    return labels
-
-
-def _embed(
-    model: Blip2ForConditionalGeneration, input_ids: torch.Tensor, features: torch.Tensor, image_token: int
-) -> torch.Tensor:
-    """Prompt embeddings with the image features scattered into the image-token positions."""
-    embeddings = model.language_model.get_input_embeddings()(input_ids)
-    mask = (input_ids == image_token).unsqueeze(-1).expand_as(embeddings)
-    return embeddings.masked_scatter(mask, features.to(embeddings.dtype))
-
-
 def _generate(
     model: Blip2ForConditionalGeneration, processor: Blip2Processor, prompts: list[str], features: torch.Tensor
 ) -> list[str]:
     """Greedy generation from cached image features, decoded."""
-    image_token = _image_token_id(processor)
-    inputs = _encode_prompts(processor, prompts, image_token)
+    image_token = image_token_id(processor)
+    inputs = encode_prompts(processor, prompts, CPU)
     generated = model.language_model.generate(
-        inputs_embeds=_embed(model, inputs["input_ids"], features, image_token),
+        inputs_embeds=text_embeddings(model, inputs["input_ids"], features, image_token),
         attention_mask=inputs["attention_mask"],
         max_new_tokens=4,
         do_sample=False,
@@ -610,7 +581,7 @@ def _check_round_trip(model: Blip2ForConditionalGeneration, saved: Path, data: _
     processor = Blip2Processor.from_pretrained(saved)
     if (
         processor.num_query_tokens != loaded.config.num_query_tokens
-        or _image_token_id(processor) != loaded.config.image_token_index
+        or image_token_id(processor) != loaded.config.image_token_index
     ):
         raise RuntimeError("tiny BLIP-2: the saved processor's image tokens do not match the model")
     mean, std = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
@@ -620,7 +591,7 @@ def _check_round_trip(model: Blip2ForConditionalGeneration, saved: Path, data: _
     inputs = processor(images=images, text=[prompt] * 2, return_tensors="pt")
     if not torch.allclose(inputs["pixel_values"], data.pixels[:2], atol=1e-4):
         raise RuntimeError("tiny BLIP-2: the saved image processor does not reproduce the training pixels")
-    labels = _encode_targets(processor.tokenizer, ["blue", "circle"])
+    labels = encode_answers(processor, ["blue", "circle"], CPU)
     with torch.no_grad():
         expected = model(**inputs, labels=labels).logits
         got = loaded(**inputs, labels=labels).logits

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from typing import Any
 
 from ray import tune
 
+from runner.config import check_tracking_uri
 from runner.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         from mlflow import MlflowClient
 
+        check_tracking_uri(tracking_uri, "tracking_uri")
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
         try:
@@ -84,12 +87,35 @@ class Tracker:
 
     def start_sweep(self, name: str, space: dict[str, Any], command: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            SWEEP_TAG: name, KIND_TAG: "sweep", "runner.command": command, "runner.code_version": code_version(),
-            **tags})
+            SWEEP_TAG: name, KIND_TAG: "sweep", "runner.command": command,
+            "runner.code_version": code_version(), **tags})
         self.client.log_dict(run.info.run_id, space, "search_space.json")
         for key, value in flatten(space).items():
             self.client.log_param(run.info.run_id, key, value)
         return run.info.run_id
+
+
+def find_sweep(tracking_uri: str, sweep: str) -> tuple[Tracker, str]:
+    """A sweep's MLflow run: `sweep` is its run id, or its name (the newest sweep run of that name)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if "'" in sweep:
+        raise UserError(f"sweep: {sweep!r} is not a sweep name or run id")
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    client = MlflowClient(tracking_uri)
+    try:
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(experiments, f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{KIND_TAG}` = 'sweep'",
+                                  order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
+        if not runs and re.fullmatch(r"[0-9a-f]{32}", sweep):
+            runs = [client.get_run(sweep)]
+    except MlflowException as error:
+        raise UserError(f"sweep: cannot read {sweep!r} from MLflow at {tracking_uri}: {first_line(error)}") from None
+    if not runs or runs[0].data.tags.get(KIND_TAG) != "sweep":
+        raise UserError(f"sweep: no sweep named (or with run id) {sweep!r} in MLflow at {tracking_uri}")
+    experiment = client.get_experiment(runs[0].info.experiment_id).name
+    return Tracker(tracking_uri, experiment), runs[0].info.run_id
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -252,6 +278,8 @@ class TrialRuns(tune.Callback):
             client.log_batch(run_id, metrics=[Metric(key, value, update["timestamp"], update["epoch"])
                                               for key, value in update["metrics"].items()])
             self._logged[run_id].add(update["epoch"])
+        elif client.get_run(run_id).info.status in ("FINISHED", "FAILED", "KILLED"):
+            return  # a resumed sweep re-reports a trial whose run was already closed: keep what it recorded
         elif update["kind"] == "complete":
             best = update["best"]
             if best is not None:
@@ -300,11 +328,45 @@ def download_checkpoint(tracking_uri: str, run_id: str) -> Path:
                                    tracking_uri=tracking_uri))
 
 
-def sweep_state_file(storage_path: str, name: str) -> Path:
-    return Path(storage_path) / name / "runner_sweep.json"
+def fetch_adapter(source: str, tracking_uri: str | None) -> Path:
+    """An adapter to score, as a local directory: a path as given, `runs:/<trial run id>` (its best
+    checkpoint) or `models:/<name>@<alias>` / `models:/<name>/<version>` (a registered version, with
+    its trial settings written beside the adapter as an epoch checkpoint would have them)."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from runner.train import ADAPTER_DIR, CONFIG_FILE
+
+    if not source.startswith(("runs:/", "models:/")):
+        if not Path(source).exists():
+            raise UserError(f"--adapter: {source} does not exist")
+        return Path(source)
+    tracking_uri = tracking_uri or default_tracking_uri()
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    try:
+        if source.startswith("runs:/"):
+            return download_checkpoint(tracking_uri, source.removeprefix("runs:/").strip("/").split("/")[0])
+        model = Path(download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="runner-model-"),
+                                        tracking_uri=tracking_uri))
+    except MlflowException as error:
+        raise UserError(f"--adapter: cannot fetch {source} from MLflow at {tracking_uri}: "
+                        f"{first_line(error)}") from None
+    settings = next(model.rglob("settings.json"), None)
+    adapter = next(model.rglob("adapter_config.json"), None)
+    if settings is None or adapter is None:
+        raise UserError(f"--adapter: {source} is not a model registered by runner (no settings.json/adapter)")
+    checkpoint = model / "checkpoint"
+    checkpoint.mkdir()
+    adapter.parent.rename(checkpoint / ADAPTER_DIR)
+    (checkpoint / CONFIG_FILE).write_text(json.dumps(json.loads(settings.read_text())["trial"], indent=2))
+    return checkpoint
 
 
-def save_sweep_state(storage_path: str, name: str, state: dict) -> None:
-    path = sweep_state_file(storage_path, name)
+def sweep_state_file(state_dir: Path) -> Path:
+    return state_dir / "runner_sweep.json"
+
+
+def save_sweep_state(state_dir: Path, state: dict) -> None:
+    path = sweep_state_file(state_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state, indent=2))

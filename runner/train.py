@@ -33,8 +33,8 @@ from runner.errors import UserError
 from runner.preflight import preflight
 from runner.evaluate import ImageFeatures, compute_image_features, draw_samples, evaluate, majority_exact_match
 from runner.model import (
-    add_lora, check_precision, compute_dtype, resolve_model, encode_answers, encode_prompts, image_token_id, load_blip2, resolve_device,
-    text_embeddings,
+    add_lora, check_precision, compute_dtype, encode_answers, encode_prompts, image_token_id, load_blip2,
+    resolve_device, resolve_model, text_embeddings,
 )
 from tasks import get_task
 from tasks.base import Example
@@ -53,6 +53,10 @@ class TrialDiverged(RuntimeError):
     """The loss became NaN or infinite: the trial stops (it is not a user error, it is a bad setting)."""
 
 
+class TrialOutOfMemory(RuntimeError):
+    """The GPU ran out of memory: the trial fails, saying which settings to change."""
+
+
 @dataclass
 class TrialResult:
     history: list[dict[str, float]] = field(default_factory=list)
@@ -62,6 +66,17 @@ class TrialResult:
 def train_trial(
     config: TrialConfig, output_dir: Path, *, report: Report | None = None, resume_from: Path | None = None
 ) -> TrialResult:
+    """Train one trial; report (metrics, checkpoint) after every epoch."""
+    try:
+        return run_epochs(config, output_dir, report, resume_from)
+    except torch.OutOfMemoryError as error:
+        raise TrialOutOfMemory(
+            f"out of GPU memory (batch_size={config.batch_size}, precision={config.precision}, "
+            f"lora_rank={config.lora_rank}): lower batch_size and raise grad_accum, set gradient_checkpointing, "
+            f"or give each trial more of a GPU (resources.gpu) — {str(error).splitlines()[0]}") from error
+
+
+def run_epochs(config: TrialConfig, output_dir: Path, report: Report | None, resume_from: Path | None) -> TrialResult:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     check_precision(config.precision, device)  # before any data is read or memory taken

@@ -5,8 +5,12 @@ in the test that needs it and says so (the hub, a GPU).
 """
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,3 +62,34 @@ def store(tiny_model, tmp_path_factory):
         assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
         outputs[name] = result.stdout
     return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None):
+    """A real `mlflow server` on loopback over `backend_uri`; yields its base URL, stops it after."""
+    port = port or free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
+         "--port", str(port), "--artifacts-destination", str(artifacts)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                if time.time() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"mlflow server on port {port} did not answer /health") from None
+                time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(process.pid, 15)  # the server and its workers
+        process.wait(30)

@@ -70,6 +70,8 @@ def cases(tmp: Path):
         ("missing model dir", [SPACE, f"trial.model={tmp / 'no-model'}"], "not a saved BLIP-2 directory"),
         ("unknown precision", [SPACE, "trial.precision=int9"], "'int9' is not one of"),
         ("int8 without a GPU", [SPACE, "trial.precision=int8"], "int8 needs a GPU per trial"),
+        ("credentials in the tracking URI", [SPACE, "tracking_uri=http://bob:hunter2@127.0.0.1:9"],
+         "tracking_uri: the URI holds credentials"),
         ("unreachable tracking URI", [SPACE, "tracking_uri=http://127.0.0.1:9"], "cannot use MLflow at http://127.0.0.1:9"),
         ("no cluster at --address", [SPACE, "--address", "127.0.0.1:1"], "no Ray cluster answers there"),
         ("invalid registered model name", [SPACE, "registered_model=a/b"], "not a valid MLflow model name"),
@@ -92,7 +94,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeyp
         assert result.exit_code == 2, (name, result.output[-1500:], result.exception)
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], (name, result.stderr[-1500:])
-        assert "Traceback" not in result.output
+        assert "Traceback" not in result.output and "hunter2" not in result.output
     ray.shutdown()  # the last case started a local cluster to count its GPUs
     assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").rglob("runner_sweep.json"))
     if store.exists():  # MLflow may have been opened (to check the URI): no run, no model in it

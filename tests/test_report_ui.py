@@ -5,10 +5,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,12 +13,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import MODEL, SPACE, run_cli
+from tests.conftest import MODEL, mlflow_server, run_cli
 
 
 def test_report_numbers_equal_mlflow_and_figures_are_real(store, tmp_path):
     out = tmp_path / "report"
-    result = run_cli("report", SPACE, "name=quickstart", *store["common"], "--out", str(out), cwd=store["root"])
+    # By name, from MLflow alone: no space file, no Ray state.
+    result = run_cli("report", "quickstart", "--tracking-uri", store["uri"], "--out", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     text = (out / "report.md").read_text()
     client = store["client"]
@@ -54,35 +52,12 @@ def test_report_numbers_equal_mlflow_and_figures_are_real(store, tmp_path):
     assert {"report/report.md", "report/stages.png"} <= artifacts
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(store):
     """A real MLflow tracking server over the store the sweeps wrote, on loopback only."""
-    port = free_port()
-    db = store["uri"].removeprefix("sqlite:///")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store["uri"], "--host", "127.0.0.1",
-         "--port", str(port), "--artifacts-destination", str(Path(db).parent / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if urllib.request.urlopen(f"{base}/health", timeout=5).status == 200:
-                break
-        except OSError:
-            time.sleep(1)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not answer /health in 120 s")
-    yield base
-    process.terminate()
-    process.wait(30)
+    db = Path(store["uri"].removeprefix("sqlite:///"))
+    with mlflow_server(store["uri"], db.parent / "artifacts") as base:
+        yield base
 
 
 def api(base: str, path: str, body: dict | None = None) -> dict:

@@ -119,3 +119,16 @@ def test_champion_loads_in_a_fresh_process_and_reproduces_its_test_metric(store)
     scores = json.loads(result.stdout.strip().splitlines()[-1])
     assert scores["exact_match"] == pytest.approx(float(champion.tags["test_exact_match"]), abs=1e-9)
     assert not math.isnan(scores["closed_accuracy"])
+
+
+@pytest.mark.parametrize("source", ["models:/{model}@champion", "runs:/{trial_run_id}"])
+def test_eval_scores_the_champion_from_the_registry_or_its_run(store, source, tmp_path):
+    champion = store["client"].get_model_version_by_alias(MODEL, "champion")
+    adapter = source.format(model=MODEL, trial_run_id=champion.tags["trial_run_id"])
+    predictions = tmp_path / "predictions.csv"
+    result = run_cli("eval", "--adapter", adapter, "--tracking-uri", store["uri"], "--split", "test",
+                     "--max-eval-examples", "500", "--predictions", str(predictions), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = json.loads(result.stdout[result.stdout.index("{"):])
+    assert scores["exact_match"] == pytest.approx(float(champion.tags["test_exact_match"]), abs=1e-9)
+    assert len(predictions.read_text().splitlines()) == 501  # header + one row per question
