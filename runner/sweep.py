@@ -21,6 +21,7 @@ from ray import train, tune
 
 from runner.config import SweepConfig, TrialConfig, build
 from runner.errors import UserError
+from runner.tracking import PLACEMENT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def tune_domain(domain: dict[str, Any]):
 def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu: float, max_failures: int,
               storage_path: str, sweep: str) -> None:
     """Tune trial function: fit a one-worker TorchTrainer on this trial's config."""
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     config = build(TrialConfig, {**base, **sampled}, "trial")
@@ -104,6 +105,9 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
     trainer = TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu))},
+        # One worker never communicates: gloo sets up without a CUDA device (the logical GPUs of a
+        # simulated cluster) and leaves a shared card free of NCCL's communicator.
+        torch_config=TorchConfig(backend="gloo"),
         scaling_config=train.ScalingConfig(num_workers=1, use_gpu=gpu > 0,
                                            resources_per_worker={"CPU": cpu, **({"GPU": gpu} if gpu else {})}),
         run_config=train.RunConfig(
@@ -131,11 +135,23 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         resume = Path(checkpoint.to_directory())
 
+    placement = worker_placement()
+
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        train.report(metrics, checkpoint=train.Checkpoint.from_directory(str(checkpoint_dir)))
+        train.report({**metrics, PLACEMENT_KEY: placement},
+                     checkpoint=train.Checkpoint.from_directory(str(checkpoint_dir)))
 
     with tempfile.TemporaryDirectory(prefix="trial-") as output:
         train_trial(config, Path(output), report=report, resume_from=resume)
+
+
+def worker_placement() -> str:
+    """Host, Ray node and GPU ids of this Train worker: which node ran which trial, on a cluster."""
+    import socket
+
+    node = ray.get_runtime_context().get_node_id()
+    gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
+    return f"{socket.gethostname()} node {node[:12]} GPU {gpus}"
 
 
 def make_scheduler(config: SweepConfig):

@@ -33,6 +33,8 @@ SWEEP_TAG = "runner.sweep"
 PARENT_TAG = "runner.sweep_run_id"
 TRIAL_TAG = "runner.trial_id"
 STATUS_TAG = "runner.trial_status"
+PLACEMENT_TAG = "runner.placement"  # host, Ray node and GPU of the trial's worker (last epoch's)
+PLACEMENT_KEY = "placement"  # the worker's report key for it (runner/sweep.py)
 KIND_TAG = "runner.kind"
 # Reported keys that are not metrics of the model (Tune bookkeeping, paths).
 NOT_METRICS = {"checkpoint_path", "epoch", "trial_id", "date", "hostname", "node_ip", "pid", "timestamp",
@@ -193,7 +195,8 @@ class TrialRuns(tune.Callback):
         metrics = {key: float(v) for key, v in result.items()
                    if key not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.submit({"kind": "result", "trial": trial.trial_id, "config": dict(trial.config), "epoch": epoch,
-                     "timestamp": int(result.get("timestamp", 0) * 1000), "metrics": metrics})
+                     "timestamp": int(result.get("timestamp", 0) * 1000), "metrics": metrics,
+                     "placement": result.get(PLACEMENT_KEY)})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         config = {**self.base, **trial.config}
@@ -268,15 +271,17 @@ class TrialRuns(tune.Callback):
         return self._runs[trial_id]
 
     def apply(self, update: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         run_id = self.run_for(update["trial"], update["config"])
         client = self.tracker.client
         if update["kind"] == "result":
             if update["epoch"] in self._logged[run_id]:
                 return  # already logged before a resume or a worker restart
+            placement = update.get("placement")  # absent from journals written before it was recorded
             client.log_batch(run_id, metrics=[Metric(key, value, update["timestamp"], update["epoch"])
-                                              for key, value in update["metrics"].items()])
+                                              for key, value in update["metrics"].items()],
+                             tags=[RunTag(PLACEMENT_TAG, placement)] if placement else [])
             self._logged[run_id].add(update["epoch"])
         elif client.get_run(run_id).info.status in ("FINISHED", "FAILED", "KILLED"):
             return  # a resumed sweep re-reports a trial whose run was already closed: keep what it recorded
