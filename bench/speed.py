@@ -8,7 +8,7 @@ prompts, the T5 language model alone per step. Timing: warm-up excluded, CUDA sy
 clock read, median of several windows. Prints one table (and writes it to OUT/speed.md).
 
     python bench/speed.py FULL_MODEL_DIR EASY_VQA_DIR [OUT]     # FULL_MODEL_DIR from bench/full_size.py
-    python bench/speed.py tiny EASY_VQA_DIR                     # CPU smoke test (CI-sized)
+    python bench/speed.py tiny EASY_VQA_DIR OUT                 # CPU smoke test (tests/test_bench.py)
 """
 
 from __future__ import annotations
@@ -21,16 +21,30 @@ from pathlib import Path
 import torch
 
 from runner.config import TrialConfig
-from runner.evaluate import compute_image_features, generate
+from runner.evaluate import generate
+from runner.features import compute_image_features
 from runner.model import add_lora, compute_dtype, encode_answers, load_blip2, resolve_device
 from runner.train import train_epoch
 from tasks import get_task
 
 T5_TRAIN_GFLOP = 284  # Flan-T5-XL forward+backward per question (issue "Fast trials")
 PEAK_TFLOPS = 700  # measured bf16 dense rate of an H100 (issue "Fast trials")
+INT8_BATCHES = (16, 32, 64)  # the loop is host-bound: larger batches amortise the per-step launches
+BF16_BATCHES = (64, 128, 256)
+GEN_BATCHES = (32, 128)
 
 
-def timed(fn, windows: int) -> float:
+WINDOWS = 2  # timed windows per measurement, after one warm-up (the H200 run of the first version, at 3,
+# did not finish in its 330 s guard)
+
+
+def note(rows: list, name: str, rate: float, peak: float) -> None:
+    """Keep a result and print it at once: a run cut short by its time guard still shows what it measured."""
+    rows.append((name, rate, peak))
+    print(f"{name}: {rate:.2f}/s, peak {peak:.1f} GiB", flush=True)
+
+
+def timed(fn, windows: int = WINDOWS) -> float:
     """Median seconds of `windows` calls of fn, after one warm-up call."""
     fn()
     times = []
@@ -70,7 +84,7 @@ def reference_training(model, processor, task, examples, images, device, dtype, 
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-    return samples / timed(run, 3)
+    return samples / timed(run)
 
 
 def our_training(model, base, processor, task, examples, features, config, device, samples: int):
@@ -78,8 +92,9 @@ def our_training(model, base, processor, task, examples, features, config, devic
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     chunk = examples[:samples]
+    assert len(chunk) == samples, f"only {len(chunk)} training questions for a {samples}-sample window"
     return samples / timed(lambda: train_epoch(model, base, processor, task, chunk, features, optimizer,
-                                               scheduler, config, 1, device), 3)
+                                               scheduler, config, 1, device))
 
 
 def reference_generation(model, processor, task, examples, images, device, dtype, n: int) -> float:
@@ -93,62 +108,74 @@ def reference_generation(model, processor, task, examples, images, device, dtype
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             model.generate(**inputs, max_new_tokens=8, do_sample=False)
 
-    return n / timed(run, 3)
+    return n / timed(run)
 
 
-def our_generation(base, processor, task, examples, images, device, dtype, n: int) -> float:
+def our_generation(base, processor, task, examples, images, device, dtype, n: int, batch: int) -> float:
     chunk = examples[:n]
 
-    def run():  # image features included: they are computed once per evaluation
+    def run():  # image features included (no disk cache): they are computed once per evaluation
         features = compute_image_features(base, processor, {e.image_key: images[e.image_key] for e in chunk},
                                           device, dtype, batch_size=32)
-        generate(base, processor, task, chunk, [e.image_key for e in chunk], features, batch_size=32,
+        generate(base, processor, task, chunk, [e.image_key for e in chunk], features, batch_size=batch,
                  max_new_tokens=8)
 
-    return n / timed(run, 3)
+    return n / timed(run)
 
 
-def setting(model_path: str, data: str, precision: str, batch: int):
+def setting(model_path: str, data: str, precision: str):
     device = resolve_device("auto")
-    config = TrialConfig(task="easy_vqa", data=data, model=model_path, precision=precision, batch_size=batch,
-                         learning_rate=1e-4, lora_rank=8)
     task = get_task("easy_vqa", data=data)
     split = task.load_split("train")
     base, processor = load_blip2(model_path, precision, device)
     dtype = compute_dtype(precision, device)
-    return device, config, task, split, base, processor, dtype
+    return device, task, split, base, processor, dtype
+
+
+def config_for(model_path: str, data: str, precision: str, batch: int) -> TrialConfig:
+    return TrialConfig(task="easy_vqa", data=data, model=model_path, precision=precision, batch_size=batch,
+                       learning_rate=1e-4, lora_rank=8)
 
 
 def main(model_path: str, data: str, out: Path) -> None:
     gpu = torch.cuda.is_available()
-    scale = 1 if gpu else 0.25  # CPU smoke test: fewer samples
-    rows = []
+    scale = 1 if gpu else 0.25  # CPU smoke test: fewer samples, one batch size each
+    rows, generation = [], []
 
     precision = "int8" if gpu else "fp32"
-    device, config, task, split, base, processor, dtype = setting(model_path, data, precision, 16)
+    device, task, split, base, processor, dtype = setting(model_path, data, precision)
     examples, images = split.examples, split.images
-    needed = {e.image_key: images[e.image_key] for e in examples[:2048]}
+    needed = {e.image_key: images[e.image_key] for e in examples[:4096]}
     peak_gib()
-    ref_gen = reference_generation(base, processor, task, examples, images, device, dtype, int(16 * scale))
-    ours_gen = our_generation(base, processor, task, examples, images, device, dtype, int(256 * scale))
+    ref_gen = reference_generation(base, processor, task, examples, images, device, dtype, int(8 * scale) or 2)
+    note(generation, "reference: batch 1, full forward per question", ref_gen, peak_gib())
+    for batch in GEN_BATCHES if gpu else [32]:
+        rate = our_generation(base, processor, task, examples, images, device, dtype, int(256 * scale), batch)
+        note(generation, f"ours: batch {batch}, image features once per image", rate, peak_gib())
     features = compute_image_features(base, processor, needed, device, dtype, batch_size=32)
     model = add_lora(base, rank=8, alpha=16, dropout=0.05, quantized=gpu, gradient_checkpointing=False)
     peak_gib()
-    reference = reference_training(model, processor, task, examples, images, device, dtype, int(48 * scale))
-    rows.append((f"reference: {precision}, batch 1, processor per sample, full forward, accumulate 8", reference,
-                 peak_gib()))
-    ours_int8 = our_training(model, base, processor, task, examples, features, config, device, int(512 * scale))
-    rows.append((f"ours: {precision}, batch 16, image features cached", ours_int8, peak_gib()))
+    reference = reference_training(model, processor, task, examples, images, device, dtype, int(24 * scale) or 2)
+    note(rows, f"reference: {precision}, batch 1, processor per sample, full forward, accumulate 8", reference,
+         peak_gib())
+    for batch in INT8_BATCHES if gpu else [16]:
+        config = config_for(model_path, data, precision, batch)
+        rate = our_training(model, base, processor, task, examples, features, config, device,
+                            int(max(512, 16 * batch) * scale))
+        note(rows, f"ours: {precision}, batch {batch}, image features cached", rate, peak_gib())
     del model, base, features
     torch.cuda.empty_cache() if gpu else None
 
     if gpu:
-        device, config, task, split, base, processor, dtype = setting(model_path, data, "bf16", 64)
+        device, task, split, base, processor, dtype = setting(model_path, data, "bf16")
         features = compute_image_features(base, processor, needed, device, dtype, batch_size=64)
         model = add_lora(base, rank=8, alpha=16, dropout=0.05, quantized=False, gradient_checkpointing=False)
         peak_gib()
-        ours_bf16 = our_training(model, base, processor, task, examples, features, config, device, 2048)
-        rows.append(("ours: bf16, batch 64, image features cached", ours_bf16, peak_gib()))
+        for batch in BF16_BATCHES:
+            config = config_for(model_path, data, "bf16", batch)
+            rate = our_training(model, base, processor, task, examples, features, config, device,
+                                max(2048, 16 * batch))
+            note(rows, f"ours: bf16, batch {batch}, image features cached", rate, peak_gib())
 
     card = torch.cuda.get_device_name() if gpu else "CPU"
     import peft
@@ -161,9 +188,9 @@ def main(model_path: str, data: str, out: Path) -> None:
     limit = PEAK_TFLOPS * 1000 / T5_TRAIN_GFLOP
     for name, rate, peak in rows:
         lines.append(f"| {name} | {rate:.2f} | {rate / reference:.1f} | {peak:.1f} | {100 * rate / limit:.1f} |")
-    lines += ["", "| generation, 8 tokens | questions/s | × batch 1 |", "| --- | --- | --- |",
-              f"| reference: batch 1, full forward per question | {ref_gen:.2f} | 1.0 |",
-              f"| ours: batch 32, image features once per image | {ours_gen:.2f} | {ours_gen / ref_gen:.1f} |"]
+    lines += ["", "| generation, 8 tokens | questions/s | × batch 1 | peak GiB |", "| --- | --- | --- | --- |"]
+    for name, rate, peak in generation:
+        lines.append(f"| {name} | {rate:.2f} | {rate / ref_gen:.1f} | {peak:.1f} |")
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,9 @@ class TrialConfig:
     """Recompute T5 activations in backward: less memory, ~30% more compute."""
     gpu_memory_gib: float | None = None
     """Cap this trial's GPU memory (GiB): trials sharing a card, or rehearsing a 16 GB T4 on a big one."""
+    cache_image_features: bool = True
+    """Keep the frozen image path's outputs on this node's disk (RUNNER_CACHE/image-features): the next
+    trial, evaluation or stage run on the same model and precision loads them instead of recomputing."""
     eval_batch_size: int = 32
     """Questions per greedy-generation batch in validation/test."""
     max_eval_examples: int | None = 500

@@ -16,15 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
-from tqdm.auto import tqdm
 
 from runner import metrics
 from runner.config import TrialConfig, build
 from runner.errors import UserError
-from runner.model import (
-    compute_dtype, encode_prompts, image_features, image_token_id, load_blip2, resolve_device, text_embeddings,
-)
+from runner.features import ImageFeatures, compute_image_features, trial_feature_cache
+from runner.model import compute_dtype, encode_prompts, image_token_id, load_blip2, resolve_device, text_embeddings
 from tasks import get_task
 from tasks.base import Example, Task, fingerprint
 
@@ -33,31 +30,6 @@ log = logging.getLogger(__name__)
 # Greedy decoding, fixed: the same settings in validation, test, eval stages and promotion.
 DECODING = {"do_sample": False, "num_beams": 1}
 CONTROL_SEED = 1234
-
-
-@dataclass
-class ImageFeatures:
-    """Frozen image-path outputs for a set of images, one row per image key."""
-
-    index: dict[str, int]
-    values: torch.Tensor  # [n_images, num_query_tokens, d_model]
-
-    def lookup(self, keys: list[str]) -> torch.Tensor:
-        return self.values[[self.index[key] for key in keys]]
-
-
-def compute_image_features(
-    model, processor, images: dict[str, Image.Image], device: torch.device, dtype: torch.dtype, batch_size: int = 32
-) -> ImageFeatures:
-    """Run each image once through the frozen ViT + Q-Former + projection."""
-    keys = sorted(images)
-    chunks = []
-    for start in tqdm(range(0, len(keys), batch_size), desc="image features", leave=False, disable=None):
-        batch = [images[key] for key in keys[start : start + batch_size]]
-        pixels = processor.image_processor(batch, return_tensors="pt")["pixel_values"].to(device, dtype)
-        chunks.append(image_features(model, pixels))
-    values = torch.cat(chunks) if chunks else torch.empty(0)
-    return ImageFeatures(index={key: i for i, key in enumerate(keys)}, values=values)
 
 
 @torch.no_grad()
@@ -163,8 +135,10 @@ def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_
     examples = draw_samples(data.examples, n, config.seed, "max_eval_examples")
     model, processor = load_blip2(config.model, config.precision, device, config.model_revision)
     needed = {ex.image_key for ex in examples}
+    dtype = compute_dtype(config.precision, device)
     features = compute_image_features(model, processor, {k: v for k, v in data.images.items() if k in needed},
-                                      device, compute_dtype(config.precision, device), config.eval_batch_size)
+                                      device, dtype, config.eval_batch_size,
+                                      trial_feature_cache(config, dtype, model, processor))
     if adapter is not None:
         adapter_dir = adapter / ADAPTER_DIR if (adapter / ADAPTER_DIR).is_dir() else adapter
         if not (adapter_dir / "adapter_config.json").exists():

@@ -51,7 +51,8 @@ class Blip2LoraModel(mlflow.pyfunc.PythonModel):
         self.task = get_task(self.trial.task, data=self.trial.data)
 
     def predict(self, context, model_input, params=None) -> list[str]:
-        from runner.evaluate import compute_image_features, generate
+        from runner.evaluate import generate
+        from runner.features import compute_image_features
         from tasks.base import Example, decode_image, image_key
 
         images, examples = {}, []

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from runner.config import TrialConfig
 from runner.errors import UserError
 from runner.preflight import preflight
-from runner.evaluate import ImageFeatures, compute_image_features, draw_samples, evaluate, majority_exact_match
+from runner.evaluate import draw_samples, evaluate, majority_exact_match
+from runner.features import ImageFeatures, compute_image_features, trial_feature_cache
 from runner.model import (
     add_lora, check_precision, compute_dtype, encode_answers, encode_prompts, image_token_id, load_blip2,
     resolve_device, resolve_model, text_embeddings,
@@ -46,6 +47,7 @@ ADAPTER_DIR = "adapter"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "trial_config.json"
 METRICS_FILE = "metrics.json"
+SYNC_EVERY = 16  # batches between read-backs of the loss (see train_epoch)
 DATA_FILE = "data.json"  # fingerprints of the data the adapter was trained and validated on
 
 
@@ -100,7 +102,8 @@ def run_epochs(config: TrialConfig, output_dir: Path, report: Report | None, res
     dtype = compute_dtype(config.precision, device)
     needed = {ex.image_key for ex in train_examples + val_examples}
     images = {key: img for split in (train_split, val_split) for key, img in split.images.items() if key in needed}
-    features = compute_image_features(base, processor, images, device, dtype, batch_size=config.eval_batch_size)
+    features = compute_image_features(base, processor, images, device, dtype, batch_size=config.eval_batch_size,
+                                      cache=trial_feature_cache(config, dtype, base, processor))
     memory = PeakMemory(device)
     memory.mark("load_and_features")
 
@@ -108,7 +111,8 @@ def run_epochs(config: TrialConfig, output_dir: Path, report: Report | None, res
                      quantized=config.precision in ("int8", "nf4"),
                      gradient_checkpointing=config.gradient_checkpointing)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")  # one kernel for all LoRA tensors
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / config.batch_size) / config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear_decay(
@@ -178,13 +182,18 @@ def warmup_then_linear_decay(warmup_steps: int, total_steps: int) -> Callable[[i
 
 def train_epoch(model, base, processor, task, examples: list[Example], features: ImageFeatures, optimizer,
                 scheduler, config: TrialConfig, epoch: int, device: torch.device) -> float:
-    """One pass in an order seeded by (seed, epoch), so a resumed run sees the same batches."""
+    """One pass in an order seeded by (seed, epoch), so a resumed run sees the same batches.
+
+    The loss stays on the device and is read back every SYNC_EVERY batches (progress, NaN check), not
+    every batch: a read-back waits for the GPU to drain, and the host could be queueing the next step.
+    """
     order = list(examples)
     random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     image_token = image_token_id(processor)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    total_loss, counted = 0.0, 0
+    total_loss, counted = torch.zeros((), device=device), 0
     optimizer.zero_grad(set_to_none=True)
     progress = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)
     for index, batch in enumerate(progress):
@@ -194,23 +203,24 @@ def train_epoch(model, base, processor, task, examples: list[Example], features:
                                  image_token)
         loss = base.language_model(inputs_embeds=embeds, attention_mask=encoded["attention_mask"],
                                    labels=labels).loss
-        if not torch.isfinite(loss):
-            raise TrialDiverged(f"loss became {loss.item()} at epoch {epoch}, batch {index + 1}/{len(batches)} "
-                                f"(learning_rate={config.learning_rate}); lower the learning rate")
         # Accumulated gradients must average, not sum, over the accumulated batches.
         (loss / config.grad_accum).backward()
-        total_loss += loss.item() * len(batch)
+        total_loss += loss.detach() * len(batch)
         counted += len(batch)
         if (index + 1) % config.grad_accum == 0 or index + 1 == len(batches):
             if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               config.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{total_loss / counted:.4f}", refresh=False)
+        if (index + 1) % SYNC_EVERY == 0 or index + 1 == len(batches):
+            mean = total_loss.item() / counted
+            if not math.isfinite(mean):  # the trial fails before this epoch is checkpointed
+                raise TrialDiverged(f"loss became {mean} at epoch {epoch} by batch {index + 1}/{len(batches)} "
+                                    f"(learning_rate={config.learning_rate}); lower the learning rate")
+            progress.set_postfix(loss=f"{mean:.4f}", refresh=False)
     model.eval()
-    return total_loss / counted
+    return mean
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, config: TrialConfig, epoch: int,

@@ -1,0 +1,132 @@
+"""The frozen image path's outputs (ViT → Q-Former → projection), computed once per image and kept.
+
+LoRA touches only the Flan-T5 attention, so these outputs depend on the image and the base model alone:
+a trial computes them once for all its epochs, and `FeatureCache` keeps them on the node's disk so the
+other trials of a sweep, validation, test scoring and the stage runs on that node load them instead.
+
+A cached entry is keyed by everything that changes the numbers: the model (hub id + resolved commit,
+or a local directory + its weight files' size and mtime), precision, compute dtype, the image
+processor's settings, the transformers/bitsandbytes versions — and the image's content hash (the
+`image_key` every task already gives its images). Files are written to a temporary name and renamed,
+so trials sharing a node never read a half-written entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from runner.model import image_features
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass
+class ImageFeatures:
+    """Frozen image-path outputs for a set of images, one row per image key."""
+
+    index: dict[str, int]
+    values: torch.Tensor  # [n_images, num_query_tokens, d_model]
+
+    def lookup(self, keys: list[str]) -> torch.Tensor:
+        return self.values[[self.index[key] for key in keys]]
+
+
+class FeatureCache:
+    """One safetensors file per image under `root/<model identity>/`."""
+
+    def __init__(self, root: Path, identity: dict):
+        self.identity = identity
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+        self.directory = root / digest
+
+    def path(self, image_key: str) -> Path:
+        return self.directory / image_key[:2] / f"{image_key}.safetensors"
+
+    def load(self, image_key: str) -> torch.Tensor | None:
+        path = self.path(image_key)
+        return load_file(path)["features"] if path.exists() else None
+
+    def save(self, image_key: str, features: torch.Tensor) -> None:
+        path = self.path(image_key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not (self.directory / "identity.json").exists():  # what the entries belong to, for people
+            write_atomically(self.directory / "identity.json",
+                             lambda tmp: tmp.write_text(json.dumps(self.identity, indent=2)))
+        write_atomically(path, lambda tmp: save_file({"features": features.contiguous().cpu()}, str(tmp)))
+
+
+def write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def feature_cache(root: Path, model: str, revision: str | None, precision: str, dtype: torch.dtype,
+                  loaded, processor) -> FeatureCache:
+    """The cache for `loaded` (a model from runner.model.load_blip2) under `root`."""
+    import transformers
+
+    identity = {"model": model, "revision": revision, "precision": precision, "dtype": str(dtype),
+                "image_processor": processor.image_processor.to_dict(),
+                "transformers": transformers.__version__}
+    path = Path(model)
+    if (path / "config.json").exists():  # a local directory: a rewritten weight file is another model
+        identity["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
+                                   if f.name.endswith(WEIGHT_SUFFIXES))
+        identity["model"] = str(path.resolve())
+    else:  # a hub id: the commit actually loaded, whatever revision was asked for
+        identity["commit"] = getattr(loaded.config, "_commit_hash", None)
+    if precision in ("int8", "nf4"):
+        import bitsandbytes
+
+        identity["bitsandbytes"] = bitsandbytes.__version__
+    return FeatureCache(root, identity)
+
+
+def trial_feature_cache(config, dtype: torch.dtype, loaded, processor) -> FeatureCache | None:
+    """The node's cache for a trial's model and precision (None when the trial turns it off)."""
+    from runner.model import cache_dir, resolve_model
+
+    if not config.cache_image_features:
+        return None
+    return feature_cache(cache_dir() / "image-features", resolve_model(config.model), config.model_revision,
+                         config.precision, dtype, loaded, processor)
+
+
+def compute_image_features(model, processor, images: dict[str, Image.Image], device: torch.device,
+                           dtype: torch.dtype, batch_size: int = 32,
+                           cache: FeatureCache | None = None) -> ImageFeatures:
+    """Each image's features: from `cache` when it has them, else one pass through the frozen path
+    (saved to `cache`)."""
+    keys = sorted(images)
+    found = {}
+    if cache is not None:
+        for key in keys:
+            cached = cache.load(key)
+            if cached is not None:
+                found[key] = cached.to(device)
+    missing = [key for key in keys if key not in found]
+    if cache is not None:
+        log.info("image features: %d from the cache %s, %d to compute", len(found), cache.directory, len(missing))
+    for start in tqdm(range(0, len(missing), batch_size), desc="image features", leave=False, disable=None):
+        batch = missing[start : start + batch_size]
+        pixels = processor.image_processor([images[key] for key in batch], return_tensors="pt")["pixel_values"]
+        values = image_features(model, pixels.to(device, dtype))
+        for key, row in zip(batch, values):
+            found[key] = row
+            if cache is not None:
+                cache.save(key, row)
+    values = torch.stack([found[key] for key in keys]) if keys else torch.empty(0)
+    return ImageFeatures(index={key: i for i, key in enumerate(keys)}, values=values)

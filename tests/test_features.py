@@ -1,0 +1,85 @@
+"""The image-feature cache (runner/features.py) on the tiny model and real easy-VQA images: the cached path
+gives the model's own logits, a second run computes nothing, and another model or precision misses."""
+
+import shutil
+
+import pytest
+import torch
+
+from runner.features import compute_image_features, feature_cache
+from runner.model import encode_answers, encode_prompts, image_token_id, load_blip2, text_embeddings
+from tasks import get_task
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def pictures() -> dict:
+    split = get_task("easy_vqa").load_split("train")
+    keys = sorted(split.images)[:6]
+    questions = [next(ex for ex in split.examples if ex.image_key == key) for key in keys]
+    return {"images": {key: split.images[key] for key in keys}, "questions": questions}
+
+
+def vision_calls(model) -> list:
+    calls = []
+    model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def features_with_cache(model_dir, precision, dtype, root, images):
+    model, processor = load_blip2(str(model_dir), precision, CPU)
+    cache = feature_cache(root, str(model_dir), None, precision, dtype, model, processor)
+    calls = vision_calls(model)
+    return compute_image_features(model, processor, images, CPU, dtype, batch_size=4, cache=cache), cache, calls
+
+
+def test_cached_features_reproduce_the_models_own_logits(tiny_model, pictures, tmp_path):
+    model, processor = load_blip2(str(tiny_model), "fp32", CPU)
+    cache = feature_cache(tmp_path, str(tiny_model), None, "fp32", torch.float32, model, processor)
+    first = compute_image_features(model, processor, pictures["images"], CPU, torch.float32, 4, cache)
+    assert len(list(cache.directory.rglob("*.safetensors"))) == len(pictures["images"])
+    calls = vision_calls(model)
+    second = compute_image_features(model, processor, pictures["images"], CPU, torch.float32, 4, cache)
+    assert calls == []  # every image came from disk
+    assert torch.equal(first.values, second.values)
+
+    # Our path (cached features scattered into the prompt) vs transformers' full forward from pixels.
+    questions = pictures["questions"]
+    prompts = [get_task("easy_vqa").prompt(ex.question) for ex in questions]
+    encoded = encode_prompts(processor, prompts, CPU)
+    labels = encode_answers(processor, [ex.answer for ex in questions], CPU)
+    pixels = processor.image_processor([pictures["images"][ex.image_key] for ex in questions],
+                                       return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = model(pixel_values=pixels, input_ids=encoded["input_ids"],
+                          attention_mask=encoded["attention_mask"], labels=labels).logits
+        embeds = text_embeddings(model, encoded["input_ids"], second.lookup([ex.image_key for ex in questions]),
+                                 image_token_id(processor))
+        ours = model.language_model(inputs_embeds=embeds, attention_mask=encoded["attention_mask"],
+                                    labels=labels).logits
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_another_precision_or_rewritten_weights_miss_the_cache(tiny_model, pictures, tmp_path):
+    root, images = tmp_path / "cache", pictures["images"]
+    fp32, fp32_cache, _ = features_with_cache(tiny_model, "fp32", torch.float32, root, images)
+
+    bf16, bf16_cache, calls = features_with_cache(tiny_model, "bf16", torch.bfloat16, root, images)
+    assert bf16_cache.directory != fp32_cache.directory and calls  # computed, not loaded
+    assert bf16.values.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.values.float(), fp32.values, rtol=0.05, atol=0.05)
+
+    # A model directory whose weights are rewritten in place (another image path) is another model.
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_model, changed)
+    before, before_cache, _ = features_with_cache(changed, "fp32", torch.float32, root, images)
+    model, _ = load_blip2(str(changed), "fp32", CPU)
+    with torch.no_grad():
+        model.language_projection.weight.mul_(2.0)
+    model.save_pretrained(changed)
+    second, second_cache, calls = features_with_cache(changed, "fp32", torch.float32, root, images)
+    assert second_cache.directory != before_cache.directory and calls
+    assert not torch.allclose(second.values, before.values)
+    again, _, calls = features_with_cache(changed, "fp32", torch.float32, root, images)
+    assert calls == [] and torch.equal(again.values, second.values)
