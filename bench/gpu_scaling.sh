@@ -3,7 +3,7 @@
 # optimizer steps of batch 16 each) on 4, 2 and 1 GPUs of one Ray node with 4 trials per GPU, and on 4 GPUs
 # with 2 per GPU; CUDA MPS on (bench/packing.py: packed trials need it). Each configuration runs under a
 # time guard, starts with an empty image-feature cache, and appends to OUT: summary.txt, trials.jsonl
-# (bench/sweep_summary.py), smi.csv (per-GPU utilisation and memory every 2 s); sweep logs in logs.tgz.
+# (bench/sweep_summary.py), smi.csv (per-GPU utilisation and memory every 2 s), NAME.log.
 set -uo pipefail
 mkdir -p /tmp/site && [ -d /tmp/site/ray ] || tar xJf .gpu/site.tar.xz -C /tmp/site
 export PYTHONPATH=/tmp/site:$PWD RUNNER_CACHE=$PWD/.gpu/cache MLFLOW_DISABLE_TELEMETRY=true TQDM_DISABLE=1 \
@@ -36,7 +36,6 @@ for set in ${SETS:-0,1,2,3:4:100 0:4:200 0,1:4:130 0,1,2,3:2:120}; do   # GPUs:t
   python3 -m ray.scripts.scripts stop --force > /dev/null 2>&1  # nothing of a cut-short sweep lingers on the GPUs
   python3 bench/sweep_summary.py sqlite:////tmp/mlruns.db $name 2>/dev/null | sed "s/^{/{\"sweep\": \"$name\", /" \
     >> "$OUT/trials.jsonl"
-  tail -20 /tmp/logs/$name.log | grep -i "error\|trial " | head -5
+  grep -v -i "warn\|Loading weights\|MatMul8bitLt" /tmp/logs/$name.log | tail -c 200000 > "$OUT/$name.log"
 done
 echo quit | nvidia-cuda-mps-control
-tar czf "$OUT/logs.tgz" -C /tmp/logs .
