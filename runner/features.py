@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -55,8 +56,16 @@ class FeatureCache:
         return self.directory / image_key[:2] / f"{image_key}.safetensors"
 
     def load(self, image_key: str) -> torch.Tensor | None:
+        """The entry, or None when there is none — or when it cannot be read (a damaged disk, a file
+        copied in by hand): the image is then computed again and the entry rewritten, with a warning."""
         path = self.path(image_key)
-        return load_file(path)["features"] if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return load_file(path)["features"]
+        except (SafetensorError, OSError, KeyError) as error:
+            log.warning("image-feature cache: %s is unreadable (%s); computing it again", path, error)
+            return None
 
     def save(self, image_key: str, features: torch.Tensor) -> None:
         path = self.path(image_key)

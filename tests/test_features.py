@@ -44,6 +44,13 @@ def test_cached_features_reproduce_the_models_own_logits(tiny_model, pictures, t
     assert calls == []  # every image came from disk
     assert torch.equal(first.values, second.values)
 
+    # A damaged entry is computed again (and rewritten), not trusted and not fatal.
+    damaged = cache.path(sorted(pictures["images"])[0])
+    damaged.write_bytes(b"not a safetensors file")
+    third = compute_image_features(model, processor, pictures["images"], CPU, torch.float32, 4, cache)
+    assert len(calls) == 1 and torch.equal(third.values, first.values)
+    assert cache.load(sorted(pictures["images"])[0]) is not None
+
     # Our path (cached features scattered into the prompt) vs transformers' full forward from pixels.
     questions = pictures["questions"]
     prompts = [get_task("easy_vqa").prompt(ex.question) for ex in questions]
