@@ -11,8 +11,8 @@ from runner.tracking import find_sweep
 
 
 def main(uri: str, sweep: str) -> None:
-    tracker, run_id = find_sweep(uri, sweep)
-    trials = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' "
+    tracker, run = find_sweep(uri, sweep)
+    trials = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}' "
                                         "and tags.`runner.kind` = 'trial'")
     for run in trials:
         metrics, tags = run.data.metrics, run.data.tags

@@ -158,7 +158,8 @@ def tune(space: Path, overrides: tuple[str, ...], address: str | None, resume: b
     click.echo(trials_table(outcome.results, config))
     if config.promote and not no_promote:
         promote_sweep(config, resources={"cpu": config.resources.cpu, "gpu": config.resources.gpu})
-        write_sweep_report(config, Path("runs") / "reports" / config.name)
+        state, tracker = sweep_state(config)
+        write_sweep_report(tracker, state["sweep_run_id"], Path("runs") / "reports" / config.name)
     click.echo(mlflow_hint(config.tracking_uri or default_store(), outcome.sweep_run_id))
 
 
@@ -199,7 +200,6 @@ def report(sweep: str, overrides: tuple[str, ...], tracking_uri: str | None, out
     """Write the markdown report and figures of SWEEP — a sweep name, its MLflow run id, or its SPACE.yaml
     (with OVERRIDES) — from MLflow alone; they are also logged to the sweep's run."""
     from runner.config import load_sweep
-    from runner.report import write_report
     from runner.tracking import find_sweep
 
     if sweep.endswith((".yaml", ".yml")):
@@ -207,10 +207,9 @@ def report(sweep: str, overrides: tuple[str, ...], tracking_uri: str | None, out
         sweep, tracking_uri = config.name, tracking_uri or config.tracking_uri
     elif overrides:
         raise UserError(f"overrides {' '.join(overrides)!r}: only a SPACE.yaml takes key=value overrides")
-    tracker, run_id = find_sweep(tracking_uri or default_store(), sweep)
-    name = tracker.client.get_run(run_id).data.tags.get("runner.sweep", sweep)
-    path = write_report(tracker, run_id, out or Path("runs") / "reports" / name)
-    click.echo(f"report: {path} (and in MLflow: sweep run {run_id}, artifacts/report)")
+    tracker, run = find_sweep(tracking_uri or default_store(), sweep)
+    name = run.data.tags.get("runner.sweep", sweep)
+    write_sweep_report(tracker, run.info.run_id, out or Path("runs") / "reports" / name)
 
 
 def sweep_state(config) -> tuple[dict, "Tracker"]:
@@ -224,12 +223,11 @@ def sweep_state(config) -> tuple[dict, "Tracker"]:
     return state, Tracker(state["tracking_uri"], state["experiment"])
 
 
-def write_sweep_report(config, out: Path) -> None:
+def write_sweep_report(tracker: "Tracker", sweep_run_id: str, out: Path) -> None:
     from runner.report import write_report
 
-    state, tracker = sweep_state(config)
-    path = write_report(tracker, state["sweep_run_id"], out)
-    click.echo(f"report: {path} (and in MLflow: sweep run {state['sweep_run_id']}, artifacts/report)")
+    path = write_report(tracker, sweep_run_id, out)
+    click.echo(f"report: {path} (and in MLflow: sweep run {sweep_run_id}, artifacts/report)")
 
 
 def promote_sweep(config, resources: dict[str, float] | None = None) -> None:

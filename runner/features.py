@@ -67,13 +67,13 @@ class FeatureCache:
             log.warning("image-feature cache: %s is unreadable (%s); computing it again", path, error)
             return None
 
-    def save(self, image_key: str, features: torch.Tensor) -> None:
+    def save(self, image_key: str, features: torch.Tensor) -> None:  # features: on the CPU
         path = self.path(image_key)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not (self.directory / "identity.json").exists():  # what the entries belong to, for people
             write_atomically(self.directory / "identity.json",
                              lambda tmp: tmp.write_text(json.dumps(self.identity, indent=2)))
-        write_atomically(path, lambda tmp: save_file({"features": features.contiguous().cpu()}, str(tmp)))
+        write_atomically(path, lambda tmp: save_file({"features": features.contiguous()}, str(tmp)))
 
 
 def write_atomically(path: Path, write) -> None:
@@ -133,9 +133,9 @@ def compute_image_features(model, processor, images: dict[str, Image.Image], dev
         batch = missing[start : start + batch_size]
         pixels = processor.image_processor([images[key] for key in batch], return_tensors="pt")["pixel_values"]
         values = image_features(model, pixels.to(device, dtype))
-        for key, row in zip(batch, values):
-            found[key] = row
-            if cache is not None:
+        found.update(zip(batch, values))
+        if cache is not None:  # one device-to-host copy per batch, not per image
+            for key, row in zip(batch, values.cpu()):
                 cache.save(key, row)
     values = torch.stack([found[key] for key in keys]) if keys else torch.empty(0)
     return ImageFeatures(index={key: i for i, key in enumerate(keys)}, values=values)

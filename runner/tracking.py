@@ -97,8 +97,8 @@ class Tracker:
         return run.info.run_id
 
 
-def find_sweep(tracking_uri: str, sweep: str) -> tuple[Tracker, str]:
-    """A sweep's MLflow run: `sweep` is its run id, or its name (the newest sweep run of that name)."""
+def find_sweep(tracking_uri: str, sweep: str):
+    """A sweep's MLflow run (tracker, run): `sweep` is its run id, or its name (the newest of that name)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -117,7 +117,7 @@ def find_sweep(tracking_uri: str, sweep: str) -> tuple[Tracker, str]:
     if not runs or runs[0].data.tags.get(KIND_TAG) != "sweep":
         raise UserError(f"sweep: no sweep named (or with run id) {sweep!r} in MLflow at {tracking_uri}")
     experiment = client.get_experiment(runs[0].info.experiment_id).name
-    return Tracker(tracking_uri, experiment), runs[0].info.run_id
+    return Tracker(tracking_uri, experiment), runs[0]
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
