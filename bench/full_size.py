@@ -17,11 +17,16 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig, Blip2VisionConfig,
-    BlipImageProcessor, T5Config,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    Blip2QFormerConfig,
+    Blip2VisionConfig,
+    BlipImageProcessor,
+    T5Config,
 )
 
-from runner.model import resolve_model
+from runner.model.blip2 import resolve_model
 
 NUM_QUERY_TOKENS = 32
 

@@ -2,7 +2,7 @@
 
 Each trial is its own process, as under Ray (one Train worker process per trial, `resources.gpu: 0.25`
 packs four): it loads the model, takes its image features from the node's disk cache, adds LoRA and runs
-our training loop (`runner.train.train_epoch`). After a warm-up the trials start their timed pass together
+our training loop (`runner.train.loop.train_epoch`). After a warm-up the trials start their timed pass together
 (a barrier); aggregate = all samples / (last end - first start). Prints a table, writes OUT/packing.md.
 
     python bench/packing.py FULL_MODEL_DIR EASY_VQA_DIR [OUT]     # a GPU; FULL_MODEL_DIR from bench/full_size.py
@@ -25,9 +25,9 @@ def trial(model_dir: str, data: str, barrier, results) -> None:
     import torch
 
     from runner.config import TrialConfig
-    from runner.features import compute_image_features, trial_feature_cache
-    from runner.model import add_lora, compute_dtype, load_blip2, resolve_device
-    from runner.train import train_epoch
+    from runner.model.blip2 import add_lora, compute_dtype, load_blip2, resolve_device
+    from runner.model.features import compute_image_features, trial_feature_cache
+    from runner.train.loop import TrainState, train_epoch
     from tasks import get_task
 
     torch.set_num_threads(THREADS)
@@ -46,11 +46,12 @@ def trial(model_dir: str, data: str, barrier, results) -> None:
     model = add_lora(base, rank=8, alpha=16, dropout=0.05, quantized=gpu, gradient_checkpointing=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_epoch(model, base, processor, task, examples[:64], features, optimizer, scheduler, config, 1, device)
+    state = TrainState(config, device, task, base, processor, features, model, optimizer, scheduler)
+    train_epoch(state, examples[:64], 1)
     sync()
     barrier.wait()
     start = time.time()
-    train_epoch(model, base, processor, task, examples[64:], features, optimizer, scheduler, config, 2, device)
+    train_epoch(state, examples[64:], 2)
     sync()
     results.put((start, time.time(), torch.cuda.max_memory_allocated() / 2**30 if gpu else float("nan")))
 

@@ -21,10 +21,16 @@ from pathlib import Path
 import torch
 
 from runner.config import TrialConfig
-from runner.evaluate import generate
-from runner.features import compute_image_features
-from runner.model import add_lora, compute_dtype, encode_answers, load_blip2, resolve_device
-from runner.train import train_epoch
+from runner.eval.evaluate import generate
+from runner.model.blip2 import (
+    add_lora,
+    compute_dtype,
+    encode_answers,
+    load_blip2,
+    resolve_device,
+)
+from runner.model.features import compute_image_features
+from runner.train.loop import TrainState, train_epoch
 from tasks import get_task
 
 T5_TRAIN_GFLOP = 284  # Flan-T5-XL forward+backward per question (issue "Fast trials")
@@ -93,8 +99,8 @@ def our_training(model, base, processor, task, examples, features, config, devic
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     chunk = examples[:samples]
     assert len(chunk) == samples, f"only {len(chunk)} training questions for a {samples}-sample window"
-    return samples / timed(lambda: train_epoch(model, base, processor, task, chunk, features, optimizer,
-                                               scheduler, config, 1, device))
+    state = TrainState(config, device, task, base, processor, features, model, optimizer, scheduler)
+    return samples / timed(lambda: train_epoch(state, chunk, 1))
 
 
 def reference_generation(model, processor, task, examples, images, device, dtype, n: int) -> float:

@@ -7,7 +7,7 @@ samples/s, peak GPU memory, best validation metric, run start/end. For bench/gpu
 import json
 import sys
 
-from runner.tracking import find_sweep
+from runner.tracking.client import find_sweep
 
 
 def main(uri: str, sweep: str) -> None:

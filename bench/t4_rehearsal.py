@@ -15,7 +15,7 @@ import torch
 
 from runner.config import TrialConfig
 from runner.errors import UserError
-from runner.train import train_trial
+from runner.train.loop import train_trial
 
 # A T4 (sm_75) has no native bf16: make this card answer the same, so runner.model picks fp32 for
 # the non-int8 weights exactly as it would on a T4.

@@ -14,15 +14,13 @@ import types
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import click
 
+from runner import pipeline
 from runner.config import TrialConfig, build, field_docs
-from runner.errors import UserError
-
-if TYPE_CHECKING:
-    from runner.tracking import Tracker
+from runner.errors import ServiceError, UserError
 
 ALIASES = {"learning_rate": ["--lr"]}  # short forms people type
 
@@ -33,9 +31,9 @@ class RunnerGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UserError as error:
+        except (UserError, ServiceError) as error:
             click.echo(f"error: {error}", err=True)
-            ctx.exit(UserError.exit_code)
+            ctx.exit(error.exit_code)
 
 
 @click.group(cls=RunnerGroup)
@@ -43,6 +41,10 @@ class RunnerGroup(click.Group):
 def main(verbose: bool) -> None:
     """Sweep BLIP-2 LoRA fine-tuning on (medical) VQA with Ray Tune, tracked in MLflow."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # air-gapped users: no phoning home
+    # Our MLflow callback queues failed writes and retries them at the next event: no need for the
+    # client's own minutes-long retry loop to stall the sweep driver during an outage.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -87,7 +89,7 @@ def given(values: dict[str, Any]) -> dict[str, Any]:
               help="An epoch checkpoint directory of this same trial to continue from.")
 def train(output: Path | None, resume: Path | None, **options: Any) -> None:
     """Train one trial (no Ray) and print per-epoch validation metrics."""
-    from runner.train import train_trial
+    from runner.train.loop import train_trial
 
     config = build(TrialConfig, given(options), "command line")
     output = output or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
@@ -102,8 +104,8 @@ def train(output: Path | None, resume: Path | None, **options: Any) -> None:
             f"{metrics['train_samples_per_second']:.1f} samples/s{gpu_memory(metrics)} -> {checkpoint}"
         )
 
-    result = train_trial(config, output, report=show, resume_from=resume)
-    best = max(result.history, key=lambda m: m["val_exact_match"])
+    history = train_trial(config, output, report=show, resume_from=resume)
+    best = max(history, key=lambda m: m["val_exact_match"])
     click.echo(f"best epoch {int(best['epoch'])}: val exact match {best['val_exact_match']:.3f}; "
                f"checkpoints in {output}")
 
@@ -124,15 +126,12 @@ def train(output: Path | None, resume: Path | None, **options: Any) -> None:
 def evaluate_command(adapter: str | None, tracking_uri: str | None, stage: str | None, split: str,
                      predictions: Path | None, **options: Any) -> None:
     """Score an adapter (or the bare model) on a split; print metrics, save per-question predictions."""
-    from runner.evaluate import checkpoint_config, score_adapter, write_predictions
-    from runner.tracking import fetch_adapter
+    from runner.eval.evaluate import write_predictions
 
     stage = stage or ("adapter" if adapter else "zero-shot")
     if (stage == "adapter") != (adapter is not None):
         raise UserError("--stage adapter needs --adapter, and only it takes one")
-    local = fetch_adapter(adapter, tracking_uri) if adapter else None
-    config = checkpoint_config(local, given(options))
-    result = score_adapter(config, local, split, one_shot=stage == "one-shot")
+    result = pipeline.evaluate(adapter, tracking_uri, given(options), split, one_shot=stage == "one-shot")
     if predictions is not None:
         write_predictions(result.rows, predictions)
         click.echo(f"predictions: {predictions}")
@@ -149,28 +148,23 @@ def evaluate_command(adapter: str | None, tracking_uri: str | None, stage: str |
 def tune(space: Path, overrides: tuple[str, ...], address: str | None, resume: bool, no_promote: bool) -> None:
     """Run the sweep in SPACE (a search_spaces/*.yaml); OVERRIDES are key=value or trial.key=value."""
     from runner.config import load_sweep
-    from runner.report import trials_table
-    from runner.sweep import run_sweep
 
     config = load_sweep(space, list(overrides))
     command = " ".join(["runner", "tune", str(space), *overrides] + (["--resume"] if resume else []))
-    outcome = run_sweep(config, address=address, resume=resume, command=command)
-    click.echo(trials_table(outcome.results, config))
-    if config.promote and not no_promote:
-        promote_sweep(config, resources={"cpu": config.resources.cpu, "gpu": config.resources.gpu})
-        state, tracker = sweep_state(config)
-        write_sweep_report(tracker, state["sweep_run_id"], Path("runs") / "reports" / config.name)
-    click.echo(mlflow_hint(config.tracking_uri or default_store(), outcome.sweep_run_id))
+    pipeline.tune(config, address=address, resume=resume, command=command,
+                  promote=config.promote and not no_promote, say=click.echo)
 
 
 @main.command()
 @click.argument("space", type=click.Path(path_type=Path))
 @click.argument("overrides", nargs=-1)
-def promote(space: Path, overrides: tuple[str, ...]) -> None:
-    """Promote the best trial of the sweep in SPACE (safe to run again)."""
+@click.option("--address", default=None, help="The Ray cluster whose GPU workers score the test split "
+              "(`auto`, or host:port); default: a local one when the trials use GPUs.")
+def promote(space: Path, overrides: tuple[str, ...], address: str | None) -> None:
+    """Promote the best trial of the sweep in SPACE, compare stages, write the report (safe to run again)."""
     from runner.config import load_sweep
 
-    promote_sweep(load_sweep(space, list(overrides)))
+    pipeline.after_sweep(load_sweep(space, list(overrides)), address=address, say=click.echo)
 
 
 @main.command()
@@ -179,14 +173,8 @@ def promote(space: Path, overrides: tuple[str, ...]) -> None:
 def sync(space: Path, overrides: tuple[str, ...]) -> None:
     """Write MLflow updates that a tracking outage left queued for the sweep in SPACE."""
     from runner.config import load_sweep
-    from runner.sweep import trial_runs
 
-    config = load_sweep(space, list(overrides))
-    state, _ = sweep_state(config)
-    left = trial_runs(config, state["tracking_uri"], state["sweep_run_id"]).replay_journal()
-    if left:
-        raise UserError(f"tracking_uri: MLflow at {state['tracking_uri']} still unreachable; {left} updates kept")
-    click.echo("MLflow is up to date")
+    pipeline.sync(load_sweep(space, list(overrides)), say=click.echo)
 
 
 @main.command()
@@ -200,65 +188,13 @@ def report(sweep: str, overrides: tuple[str, ...], tracking_uri: str | None, out
     """Write the markdown report and figures of SWEEP — a sweep name, its MLflow run id, or its SPACE.yaml
     (with OVERRIDES) — from MLflow alone; they are also logged to the sweep's run."""
     from runner.config import load_sweep
-    from runner.tracking import find_sweep
 
     if sweep.endswith((".yaml", ".yml")):
         config = load_sweep(Path(sweep), list(overrides))
         sweep, tracking_uri = config.name, tracking_uri or config.tracking_uri
     elif overrides:
         raise UserError(f"overrides {' '.join(overrides)!r}: only a SPACE.yaml takes key=value overrides")
-    tracker, run = find_sweep(tracking_uri or default_store(), sweep)
-    name = run.data.tags.get("runner.sweep", sweep)
-    write_sweep_report(tracker, run.info.run_id, out or Path("runs") / "reports" / name)
-
-
-def sweep_state(config) -> tuple[dict, "Tracker"]:
-    """The sweep's saved state (MLflow run id, tracking URI) and a tracker for it."""
-    from runner.tracking import Tracker, sweep_state_file
-
-    state_file = sweep_state_file(config.state_dir)
-    if not state_file.exists():
-        raise UserError(f"name: no sweep named {config.name!r} in {config.state_dir.parent}")
-    state = json.loads(state_file.read_text())
-    return state, Tracker(state["tracking_uri"], state["experiment"])
-
-
-def write_sweep_report(tracker: "Tracker", sweep_run_id: str, out: Path) -> None:
-    from runner.report import write_report
-
-    path = write_report(tracker, sweep_run_id, out)
-    click.echo(f"report: {path} (and in MLflow: sweep run {sweep_run_id}, artifacts/report)")
-
-
-def promote_sweep(config, resources: dict[str, float] | None = None) -> None:
-    """Promotion, then the stage runs, holding the model's lock (concurrent calls run one after the other)."""
-    from runner.promote import promote as promote_best
-    from runner.promote import promotion_lock
-    from runner.stages import compare_stages
-
-    state, tracker = sweep_state(config)
-    with promotion_lock(config.state_dir.parent / f"promote-{config.registered_model}.lock"):
-        outcome = promote_best(tracker, sweep_run_id=state["sweep_run_id"], metric=config.metric, mode=config.mode,
-                               model_name=config.registered_model, test_max_examples=config.test_max_examples,
-                               resources=resources)
-        click.echo(f"promotion: {outcome.message}")
-        click.echo(f"registered model: models:/{config.registered_model}/{outcome.version} "
-                   f"(champion: models:/{config.registered_model}@champion)")
-        compare_stages(tracker, sweep_run_id=state["sweep_run_id"], trial_run_id=outcome.run_id,
-                       test_max_examples=config.test_max_examples, resources=resources)
-
-
-def mlflow_hint(tracking_uri: str, sweep_run_id: str) -> str:
-    """Where to look at the sweep: a server's own UI, or the line that serves a local store on loopback."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow: open {tracking_uri} (sweep run {sweep_run_id})"
-    return f"MLflow: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  (sweep run {sweep_run_id})"
-
-
-def default_store() -> str:
-    from runner.tracking import default_tracking_uri
-
-    return default_tracking_uri()
+    pipeline.report(sweep, tracking_uri, out, say=click.echo)
 
 
 if __name__ == "__main__":

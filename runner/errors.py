@@ -1,4 +1,4 @@
-"""The one error type that means "the user gave us something wrong"."""
+"""The error types the CLI turns into one clear line instead of a traceback."""
 
 
 class UserError(Exception):
@@ -9,3 +9,10 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class ServiceError(Exception):
+    """A service the runner depends on (MLflow's tracking server or registry) failed mid-operation.
+    Nothing was changed that a re-run cannot finish; the CLI prints one line and exits with code 1."""
+
+    exit_code = 1

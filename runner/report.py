@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.config import SweepConfig, sweep_from_dict
-from runner.tracking import KIND_TAG, PARENT_TAG, STATUS_TAG, Tracker
+from runner.tracking.client import (
+    KIND_TAG,
+    PARENT_TAG,
+    STAGE_TAG,
+    STATUS_TAG,
+    TRIAL_TAG,
+    Tracker,
+)
 
 # Published VQA-RAD results, for orientation only (BLEU-1 / F1, %). Our rows are never mixed in.
 REFERENCE = [
@@ -90,8 +97,8 @@ def read_sweep(tracker: Tracker, sweep_run_id: str, metric: str) -> SweepRecord:
     children = client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{sweep_run_id}'",
                                   max_results=10_000)
     trials = sorted((r for r in children if r.data.tags.get(KIND_TAG) == "trial"),
-                    key=lambda r: r.data.tags.get("runner.trial_id", ""))
-    stages = {r.data.tags["runner.stage"]: r for r in children if r.data.tags.get(KIND_TAG) == "stage"}
+                    key=lambda r: r.data.tags.get(TRIAL_TAG, ""))
+    stages = {r.data.tags[STAGE_TAG]: r for r in children if r.data.tags.get(KIND_TAG) == "stage"}
     histories = {
         run.info.run_id: {key: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
                           for key in (metric, "train_loss")}
@@ -120,7 +127,7 @@ def write_report(tracker: Tracker, sweep_run_id: str, out_dir: Path) -> Path:
     fine_tuned = max((r for r in record.trials if test_metric in r.data.metrics),
                      key=lambda r: r.data.metrics[test_metric], default=None)
 
-    trial_rows = [[run.data.tags.get("runner.trial_id", run.info.run_id[:8]),
+    trial_rows = [[run.data.tags.get(TRIAL_TAG, run.info.run_id[:8]),
                    *(fmt(run.data.params.get(k, "–")) for k in keys),
                    fmt(run.data.metrics.get(f"best_{metric}", math.nan)),
                    fmt(run.data.metrics.get("val_shuffled_exact_match", math.nan)),
@@ -194,7 +201,7 @@ def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: 
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for run in record.trials:
-        label = run.data.tags.get("runner.trial_id", run.info.run_id[:8])
+        label = run.data.tags.get(TRIAL_TAG, run.info.run_id[:8])
         for ax, key in ((left, metric), (right, "train_loss")):
             steps = record.histories[run.info.run_id][key]
             ax.plot([s for s, _ in steps], [v for _, v in steps], marker="o", label=label)

@@ -1,13 +1,21 @@
-"""Shared fixtures. The tiny BLIP-2 is built once per test session into a private cache.
+"""Shared fixtures. The expensive things run once per pytest run and several tests read their outcome:
+`store` (the quick-start sweep between two weak ones, one MLflow store) and `faults` (one sweep into which
+a worker kill, a diverging loss, an injected OOM and a driver kill are put, then two promotions at once).
 
-Real over mock: the tests run the real CLI, Ray, MLflow and PEFT. What cannot exist here is mocked
-in the test that needs it and says so (the hub, a GPU).
+Real over mock: the tests run the real CLI, Ray, MLflow and PEFT. What cannot exist here is mocked in the
+test that needs it and says so (the hub, a GPU). `-m "not slow"` runs only what needs no Ray cluster, no
+server and no training (about a minute).
 """
 
+import json
 import os
+import re
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -16,21 +24,28 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MODEL = "tiny-blip2-easy-vqa"
+SPACE = str(REPO / "search_spaces" / "quickstart.yaml")
+WEAK = ["num_samples=1", "trial.epochs=1", "space={n_samples: {choice: [40]}}",
+        "trial.learning_rate=1e-4", "scheduler.type=none"]
 
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory) -> Path:
-    """Every test (and every CLI subprocess) builds and finds the tiny model in one session cache."""
+    """Every test (and every CLI subprocess) keeps its image-feature cache in one session folder."""
     cache = Path(os.environ.get("RUNNER_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
     os.environ["RUNNER_CACHE"] = str(cache)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # As the CLI sets them (runner/cli.py): a refused MLflow call fails in seconds, not after minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     os.environ.setdefault("TQDM_DISABLE", "1")
     return cache
 
 
 @pytest.fixture(scope="session")
-def tiny_model(private_cache) -> Path:
-    from runner.model import resolve_model
+def tiny_model() -> Path:
+    from runner.model.blip2 import resolve_model
 
     return Path(resolve_model("tiny"))
 
@@ -41,27 +56,97 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900, env: dict
                           cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-MODEL = "tiny-blip2-easy-vqa"
-SPACE = str(REPO / "search_spaces" / "quickstart.yaml")
-WEAK = ["num_samples=1", "trial.epochs=1", "space={n_samples: {choice: [40]}}",
-        "trial.learning_rate=1e-4", "scheduler.type=none"]
+def cli_process(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """The CLI started in its own process group (so a test can kill it with everything it started)."""
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", *args], cwd=cwd, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+# The quick-start space, smaller: three trials of two epochs (ASHA can still stop one), fewer questions scored.
+QUICK = ["num_samples=3", "trial.epochs=2", "trial.max_eval_examples=200"]
 
 
 @pytest.fixture(scope="session")
-def store(tiny_model, tmp_path_factory):
-    """Three real sweeps into one MLflow store (see tests/test_sweep.py), shared by the tests that read it."""
+def store(tmp_path_factory):
+    """The quick-start sweep (the README's main command, smaller), then a weak sweep, into one MLflow store
+    (tests/test_sweep.py, tests/test_report_ui.py): the quick-start's best trial becomes the champion; the
+    weak one is registered, scored on the same test questions, and does not move the alias."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("sweeps")
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     (root / "mlruns").mkdir()
-    common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}"]
-    outputs = {}
-    for name, extra in (("weak", WEAK), ("quickstart", []), ("weak2", WEAK)):
+    common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "test_max_examples=300"]
+    outputs, timings = {}, {}
+    for name, extra in (("quickstart", QUICK), ("weak", WEAK)):
+        started = time.time()
         result = run_cli("tune", SPACE, f"name={name}", *common, *extra, cwd=root, timeout=1200)
         assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
         outputs[name] = result.stdout
+        timings[name] = round(time.time() - started, 1)
+    (root / "timings.json").write_text(json.dumps(timings, indent=2))
     return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs}
+
+
+# Trial order (a grid, one trial at a time): killed worker, diverging loss, good. (Running out of GPU memory
+# takes the same path as a diverging loss; its message is tested in-process: tests/test_train.py.)
+FAULT_LRS = {"killed_worker": 3e-3, "diverged": 1e6, "good": 5e-3}
+FAULT_SPACE = ("space={learning_rate: {grid: [%s]}, n_samples: {choice: [800]}}"
+               % ", ".join(f"{lr:.1e}" for lr in FAULT_LRS.values()))
+
+
+@pytest.fixture(scope="session")
+def faults(tiny_model, tmp_path_factory):
+    """One sweep, faults injected for real (tests/test_faults.py reads each outcome), one trial at a time:
+    1. the first trial's Train worker is SIGKILLed in its epoch 2 (Ray Train restarts it from epoch 1);
+    2. once it has finished, the sweep driver is SIGKILLed with everything it started, and
+       `runner tune --resume` finishes the sweep; 3. the second trial's loss diverges (learning rate 1e6);
+    4. then two `runner promote` run at once."""
+    root = tmp_path_factory.mktemp("faults")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    args = [SPACE, "name=faults", f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "num_samples=1",
+            "max_failures=1", "trial.epochs=2", "trial.max_eval_examples=100",
+            "test_max_examples=200", "scheduler.type=none", FAULT_SPACE]
+    timings, started = {}, time.time()
+    driver = cli_process("tune", *args, "--no-promote", cwd=root)
+    log = Collected(driver.stdout)
+    killed_lr = str(FAULT_LRS["killed_worker"])
+    killed_worker = None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and not finished_runs(uri, killed_lr):
+            time.sleep(0.5)
+            if killed_worker is None and epochs_logged(uri, killed_lr):  # epoch 1 is in MLflow: it is in epoch 2
+                killed_worker = worker_of(log.text(), killed_lr)
+                os.kill(killed_worker, signal.SIGKILL)
+                timings["worker killed"] = time.time() - started
+        assert killed_worker is not None and finished_runs(uri, killed_lr), log.text()[-3000:]
+        finished_before_kill = finished_runs(uri)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+        driver.wait(30)
+        timings["driver killed"] = time.time() - started
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    resumed = run_cli("tune", *args, "--no-promote", "--resume", cwd=root)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    timings["resumed sweep done"] = time.time() - started
+    promotes = [cli_process("promote", *args, cwd=root) for _ in range(2)]
+    promoted = [process.communicate(timeout=900)[0] for process in promotes]
+    assert [process.returncode for process in promotes] == [0, 0], [out[-2000:] for out in promoted]
+    timings["promotions done"] = time.time() - started
+    (root / "first_driver.log").write_text(log.text())
+    (root / "timings.json").write_text(json.dumps(timings, indent=2))
+    return {"uri": uri, "root": root, "first_driver": log.text(), "killed_worker": killed_worker,
+            "finished_before_kill": finished_before_kill, "resumed": resumed.stdout + resumed.stderr,
+            "promoted": promoted}
+
+
+def worker_of(log: str, learning_rate: str) -> int:
+    """The pid of the Train worker training with `learning_rate` (it logs its settings when it starts)."""
+    pids = re.findall(rf"RayTrainWorker pid=(\d+)\).*learning rate {re.escape(learning_rate)}$", log, re.M)
+    return int(pids[-1])
 
 
 def free_port() -> int:
@@ -93,3 +178,48 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None):
     finally:
         os.killpg(process.pid, 15)  # the server and its workers
         process.wait(30)
+
+
+class Collected:
+    """A child's output, read by a thread as it comes (so the child never blocks on a full pipe)."""
+
+    def __init__(self, stream):
+        self.lines: list[str] = []
+        threading.Thread(target=self.read, args=(stream,), daemon=True).start()
+
+    def read(self, stream) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def count(uri: str, query: str) -> list[tuple]:
+    """Rows of `query`: poll a SQLite store read-only (an MlflowClient here could race the sweep creating the tables)."""
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+            return connection.execute(query).fetchall()
+    except sqlite3.OperationalError:  # tables not created yet, or locked for a moment
+        return []
+
+
+def with_lr(learning_rate: str | None) -> str:
+    return (f" and run_uuid in (select run_uuid from params where key = 'learning_rate' and value = '{learning_rate}')"
+            if learning_rate else "")
+
+
+def epochs_logged(uri: str, learning_rate: str | None = None) -> int:
+    """Epochs in MLflow (of the trial with `learning_rate`, if given)."""
+    rows = count(uri, "select count(*) from metrics where key = 'train_loss'" + with_lr(learning_rate))
+    return rows[0][0] if rows else 0
+
+
+def finished_runs(uri: str, learning_rate: str | None = None) -> dict[str, int]:
+    """Finished trial runs (of the trial with `learning_rate`, if given): run id -> end time."""
+    rows = count(uri, "select run_uuid, end_time from runs where status = 'FINISHED' and run_uuid in (select "
+                      "run_uuid from tags where key = 'runner.kind' and value = 'trial')" + with_lr(learning_rate))
+    return dict(rows)

@@ -1,13 +1,14 @@
 """Bad input to the main command: one table, each case one clear line naming the problem, exit code 2,
 no traceback, and nothing half written (no sweep state, no MLflow run, no registry entry).
 
-Runs the real CLI in-process (click's runner) so the 20+ cases cost seconds; Ray is never started
-because every check happens before it.
+Runs the real CLI in-process (click's runner) so the cases cost seconds; one test per case, so one
+failure hides none of the others. Ray is started only by the case that counts the cluster's GPUs.
 """
 
 from pathlib import Path
 
 import datasets
+import pytest
 import ray
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -38,69 +39,77 @@ def vqa_rad_folder(root: Path, *, columns=("image", "question", "answer"), answe
     return str(root)
 
 
-def cases(tmp: Path):
-    vqa = ["trial.task=vqa_rad", "trial.n_samples=4", "space={lora_rank: {choice: [4]}}"]
-    tmp.mkdir(parents=True, exist_ok=True)
-    bad_yaml = tmp / "bad.yaml"
-    bad_yaml.write_text("name: x\nspace: {lora_rank: [unclosed\n")
-    return [
-        ("malformed YAML", [str(bad_yaml)], "not valid YAML"),
-        ("unknown key", [SPACE, "colour=red"], "unknown key 'colour'"),
-        ("wrong type", [SPACE, "trial.epochs=two"], "epochs: expected int"),
-        ("rank 0", [SPACE, "space={lora_rank: {choice: [0, 8]}}"], "lora_rank: invalid value 0"),
-        ("negative lr", [SPACE, "trial.learning_rate=-0.001"], "learning_rate: invalid value -0.001"),
-        ("n_samples > split", [SPACE, "space={n_samples: {choice: [100, 10000000]}}"],
-         "n_samples: 10000000 is larger than the easy_vqa train split"),
-        ("GPU fraction > 1", [SPACE, "resources.gpu=1.5"], "gpu: 1.5 must be 0 or a fraction"),
-        ("GPU fraction < 0", [SPACE, "resources.gpu=-0.25"], "gpu: -0.25 must be 0 or a fraction"),
-        ("empty space", [SPACE, "space={}"], "empty search space"),
-        ("missing dataset", [SPACE, *vqa, "trial.data=/no/such/folder"], "/no/such/folder"),
-        ("not a dataset", [SPACE, *vqa, f"trial.data={bad_yaml}"], str(bad_yaml)),
-        ("missing columns", [SPACE, *vqa, f"trial.data={vqa_rad_folder(tmp / 'cols', columns=('image', 'question'))}"],
-         "answer"),
-        ("empty answers", [SPACE, *vqa, f"trial.data={vqa_rad_folder(tmp / 'empty', answers=['yes', ''] * 6)}"],
-         "empty"),
-        ("corrupt image", [SPACE, *vqa, f"trial.data={vqa_rad_folder(tmp / 'corrupt', image_bytes=b'not a png')}"],
-         "cannot read image"),
-        ("zero-byte image", [SPACE, *vqa, f"trial.data={vqa_rad_folder(tmp / 'zero', image_bytes=b'')}"],
-         "img3.png"),
-        ("huge image", [SPACE, *vqa, f"trial.data={vqa_rad_folder(tmp / 'huge', size=(8000, 8000))}"], "pixels"),
-        ("unknown task", [SPACE, "trial.task=pathvqa"], "unknown task 'pathvqa'"),
-        ("unknown model", [SPACE, "trial.model=blip3"], "trial.model: 'blip3' is neither"),
-        ("missing model dir", [SPACE, f"trial.model={tmp / 'no-model'}"], "not a saved BLIP-2 directory"),
-        ("unknown precision", [SPACE, "trial.precision=int9"], "'int9' is not one of"),
-        ("int8 without a GPU", [SPACE, "trial.precision=int8"], "int8 needs a GPU per trial"),
-        ("credentials in the tracking URI", [SPACE, "tracking_uri=http://bob:hunter2@127.0.0.1:9"],
-         "tracking_uri: the URI holds credentials"),
-        ("unreachable tracking URI", [SPACE, "tracking_uri=http://127.0.0.1:9"], "cannot use MLflow at http://127.0.0.1:9"),
-        ("no cluster at --address", [SPACE, "--address", "127.0.0.1:1"], "no Ray cluster answers there"),
-        ("invalid registered model name", [SPACE, "registered_model=a/b"], "not a valid MLflow model name"),
-        ("GPU asked, none present", [SPACE, "resources.gpu=0.5", "trial.precision=fp32"], "cluster has 0 GPUs"),
-    ]
+VQA = ["trial.task=vqa_rad", "trial.n_samples=4", "space={lora_rank: {choice: [4]}}"]
+# (case, arguments after SPACE or the file, the message its one line must hold). `{tmp}`: the case's folder;
+# `{data:...}`: a VQA-RAD-schema folder written for the case (see `data_folder`).
+CASES = [
+    ("malformed YAML", ["{bad_yaml}"], "not valid YAML"),
+    ("unknown key", [SPACE, "colour=red"], "colour: unknown key"),
+    ("wrong type", [SPACE, "trial.epochs=two"], "trial.epochs: expected int"),
+    ("rank 0", [SPACE, "space={lora_rank: {choice: [0, 8]}}"], "space.lora_rank: 0 is below 1"),
+    ("negative lr", [SPACE, "trial.learning_rate=-0.001"], "trial.learning_rate: -0.001 must be above 0"),
+    ("n_samples > split", [SPACE, "space={n_samples: {choice: [100, 10000000]}}"],
+     "n_samples: 10000000 is larger than the easy_vqa train split"),
+    ("GPU fraction > 1", [SPACE, "resources.gpu=1.5"], "resources.gpu: 1.5 must be 0 or a fraction"),
+    ("GPU fraction < 0", [SPACE, "resources.gpu=-0.25"], "resources.gpu: -0.25 must be 0 or a fraction"),
+    ("empty space", [SPACE, "space={}"], "space: {} is empty"),
+    ("missing dataset", [SPACE, *VQA, "trial.data=/no/such/folder"], "/no/such/folder"),
+    ("not a dataset", [SPACE, *VQA, "trial.data={bad_yaml}"], "bad.yaml"),
+    ("missing columns", [SPACE, *VQA, "trial.data={data:no_answer}"], "answer"),
+    ("empty answers", [SPACE, *VQA, "trial.data={data:empty_answers}"], "empty"),
+    ("corrupt image", [SPACE, *VQA, "trial.data={data:corrupt}"], "cannot read image"),
+    ("zero-byte image", [SPACE, *VQA, "trial.data={data:zero_bytes}"], "img3.png"),
+    ("huge image", [SPACE, *VQA, "trial.data={data:huge}"], "pixels"),
+    ("unknown task", [SPACE, "trial.task=pathvqa"], "unknown task 'pathvqa'"),
+    ("unknown model", [SPACE, "trial.model=blip3"], "trial.model: 'blip3' is neither"),
+    ("missing model dir", [SPACE, "trial.model={tmp}/no-model"], "not a saved BLIP-2 directory"),
+    ("unknown precision", [SPACE, "trial.precision=int9"], "'int9' is not one of"),
+    ("int8 without a GPU", [SPACE, "trial.precision=int8"], "int8 needs a GPU per trial"),
+    ("credentials in the tracking URI", [SPACE, "tracking_uri=http://bob:hunter2@127.0.0.1:9"],
+     "tracking_uri: the URI holds credentials"),
+    ("unreachable tracking URI", [SPACE, "tracking_uri=http://127.0.0.1:9"], "cannot use MLflow at http://127.0.0.1:9"),
+    ("no cluster at --address", [SPACE, "--address", "127.0.0.1:1"], "no Ray cluster answers there"),
+    ("invalid registered model name", [SPACE, "registered_model=a/b"], "not a valid MLflow model name"),
+    pytest.param("GPU asked, none present", [SPACE, "resources.gpu=0.5", "trial.precision=fp32"],
+                 "cluster has 0 GPUs", marks=pytest.mark.slow, id="GPU asked, none present"),  # starts a local Ray cluster to count them
+    ("three mistakes at once", [SPACE, "trial.epochs=0", "num_samples=0", "space={lora_rank: {choice: [0]}}"],
+     "trial.epochs: 0 is below 1; space.lora_rank: 0 is below 1; num_samples: 0 is below 1"),
+]
+DATA = {"no_answer": dict(columns=("image", "question")), "empty_answers": dict(answers=["yes", ""] * 6),
+        "corrupt": dict(image_bytes=b"not a png"), "zero_bytes": dict(image_bytes=b""), "huge": dict(size=(8000, 8000))}
 
 
-def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch):
+def resolve(arg: str, tmp: Path) -> str:
+    if "{bad_yaml}" in arg:
+        bad_yaml = tmp / "bad.yaml"
+        bad_yaml.write_text("name: x\nspace: {lora_rank: [unclosed\n")
+        return arg.replace("{bad_yaml}", str(bad_yaml))
+    if "{data:" in arg:
+        name = arg[arg.index("{data:") + 6 : arg.index("}")]
+        return arg.replace(f"{{data:{name}}}", vqa_rad_folder(tmp / name, **DATA[name]))
+    return arg.replace("{tmp}", str(tmp))
+
+
+@pytest.mark.parametrize("case, args, message", [c if hasattr(c, "marks") else pytest.param(*c, id=c[0])
+                                                 for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, args, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = tmp_path / "mlflow.db"
-    common = [f"storage_path={tmp_path / 'ray'}", f"tracking_uri=sqlite:///{store}"]
-    table = cases(tmp_path / "data")
-    assert len(table) >= 20
-    runner = CliRunner()
-    for name, args, message in table:
-        space_and_overrides = [a for a in args if not a.startswith("--") and a != "127.0.0.1:1"]
-        flags = [a for a in args if a not in space_and_overrides]
-        overrides = common if not any(a.startswith("tracking_uri=") for a in args) else common[:1]
-        result = runner.invoke(main, ["tune", *space_and_overrides, *overrides, *flags])
-        assert result.exit_code == 2, (name, result.output[-1500:], result.exception)
-        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1 and message in lines[0], (name, result.stderr[-1500:])
-        assert "Traceback" not in result.output and "hunter2" not in result.output
-    ray.shutdown()  # the last case started a local cluster to count its GPUs
-    assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").rglob("runner_sweep.json"))
+    args = [resolve(arg, tmp_path) for arg in args]
+    flags = args[args.index("--address"):] if "--address" in args else []
+    overrides = [f"storage_path={tmp_path / 'ray'}"]
+    if not any(arg.startswith("tracking_uri=") for arg in args):
+        overrides.append(f"tracking_uri=sqlite:///{store}")
+    result = CliRunner().invoke(main, ["tune", *args[: len(args) - len(flags)], *overrides, *flags])
+    ray.shutdown()  # a case that got as far as counting the cluster's GPUs started a local one
+    assert result.exit_code == 2, (result.output[-1500:], result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-1500:]
+    assert "Traceback" not in result.output and "hunter2" not in result.output
+    assert not any((tmp_path / "ray").rglob("runner_sweep.json"))  # no sweep state
     if store.exists():  # MLflow may have been opened (to check the URI): no run, no model in it
         client = MlflowClient(f"sqlite:///{store}")
-        experiments = client.search_experiments()
-        assert not client.search_runs([e.experiment_id for e in experiments])
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
         assert not client.search_registered_models()
 
 

@@ -37,21 +37,21 @@ def test_float_without_dot_is_a_float(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("name: [unclosed", "not valid YAML"),
-    (GOOD + "colour: red\n", "unknown key 'colour'"),
-    (GOOD.replace("epochs: 2", "epochs: two"), "trial: epochs: expected int"),
-    (GOOD.replace("epochs: 2", "epochz: 2"), "unknown key 'epochz'"),
+    (GOOD + "colour: red\n", "colour: unknown key"),
+    (GOOD.replace("epochs: 2", "epochs: two"), "trial.epochs: expected int"),
+    (GOOD.replace("epochs: 2", "epochz: 2"), "trial.epochz: unknown key"),
     (GOOD.replace("precision: fp32", "precision: int9"), "'int9' is not one of"),
-    (GOOD.replace("{choice: [4, 8]}", "{choice: [0, 8]}"), "space.lora_rank: lora_rank: invalid value 0"),
-    (GOOD.replace("[1e-4, 1e-2]", "[-1e-4, 1e-2]"), "space.learning_rate: learning_rate: invalid value -0.0001"),
+    (GOOD.replace("{choice: [4, 8]}", "{choice: [0, 8]}"), "space.lora_rank: 0 is below 1"),
+    (GOOD.replace("[1e-4, 1e-2]", "[-1e-4, 1e-2]"), "space.learning_rate: -0.0001 must be above 0"),
     (GOOD + "  weight_decay: {loguniform: [0, 0.1]}\n", "log scale needs low > 0"),
     (GOOD.replace("[1e-4, 1e-2]", "[1e-2, 1e-4]"), "low < high"),
     (GOOD.replace("lora_rank: {choice: [4, 8]}", "lora_rnk: {choice: [4, 8]}"), "space.lora_rnk: unknown trial key"),
     (GOOD.replace("{choice: [4, 8]}", "{pick: [4, 8]}"), "expected one of"),
     (GOOD + "resources: {gpu: 1.5}\n", "gpu: 1.5 must be 0 or a fraction"),
     (GOOD + "resources: {gpu: -0.5}\n", "gpu: -0.5 must be 0 or a fraction"),
-    (GOOD + "num_samples: 0\n", "num_samples: invalid value 0"),
-    ("name: s\ntrial: {}\nspace: {}\n", "empty search space"),
-    ("trial: {}\nspace: {lora_rank: {grid: [4]}}\n", "missing key 'name'"),
+    (GOOD + "num_samples: 0\n", "num_samples: 0 is below 1"),
+    ("name: s\ntrial: {}\nspace: {}\n", "space: {} is empty"),
+    ("trial: {}\nspace: {lora_rank: {grid: [4]}}\n", "name: missing"),
     (GOOD + "scheduler: {type: hyperband}\n", "'hyperband' is not one of"),
 ])
 def test_bad_space_names_the_problem(tmp_path, text, message):
@@ -75,5 +75,25 @@ def test_trial_config_checks_types_and_ranges():
     assert build(TrialConfig, {"learning_rate": "1e-3"}, "cli").learning_rate == 1e-3
     with pytest.raises(UserError, match="cli: batch_size: expected int, got True"):
         build(TrialConfig, {"batch_size": True}, "cli")
-    with pytest.raises(UserError, match="learning_rate: invalid value -0.1"):
+    with pytest.raises(UserError, match="learning_rate: -0.1 must be above 0"):
         build(TrialConfig, {"learning_rate": -0.1}, "cli")
+
+
+def test_every_problem_of_a_file_is_reported_at_once(tmp_path):
+    text = GOOD.replace("epochs: 2", "epochs: 0, lora_rank: 0").replace("{choice: [4, 8]}", "{choice: [4, -8]}")
+    with pytest.raises(UserError) as raised:
+        load_sweep(write(tmp_path, text + "num_samples: 0\nresources: {gpu: 2}\n"))
+    message = str(raised.value)
+    for part in ("trial.epochs: 0 is below 1", "trial.lora_rank: 0 is below 1", "space.lora_rank: -8 is below 1",
+                 "num_samples: 0 is below 1", "resources.gpu: 2.0 must be 0 or a fraction in (0, 1]"):
+        assert part in message, (part, message)
+    assert "\n" not in message  # one line
+
+
+def test_sweep_config_round_trips_through_its_logged_copy(tmp_path):
+    from runner.config import sweep_from_dict
+
+    config = load_sweep(write(tmp_path, GOOD), ["num_samples=3"])
+    assert sweep_from_dict(config.to_dict(), "copy") == config
+    assert config.to_dict()["space"] == {"lora_rank": {"choice": [4, 8]}, "learning_rate": {"loguniform": [1e-4, 1e-2]}}
+    assert config.space["lora_rank"].largest == 8 and config.space["learning_rate"].largest == 1e-2

@@ -1,4 +1,4 @@
-"""The image-feature cache (runner/features.py) on the tiny model and real easy-VQA images: the cached path
+"""The image-feature cache (runner/model/features.py) on the tiny model and real easy-VQA images: the cached path
 gives the model's own logits, a second run computes nothing, and another model or precision misses."""
 
 import shutil
@@ -6,8 +6,14 @@ import shutil
 import pytest
 import torch
 
-from runner.features import compute_image_features, feature_cache
-from runner.model import encode_answers, encode_prompts, image_token_id, load_blip2, text_embeddings
+from runner.model.blip2 import (
+    encode_answers,
+    encode_prompts,
+    image_token_id,
+    load_blip2,
+    text_embeddings,
+)
+from runner.model.features import compute_image_features, feature_cache
 from tasks import get_task
 
 CPU = torch.device("cpu")

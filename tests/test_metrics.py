@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from runner.metrics import (
+from runner.eval.metrics import (
     METRIC_NAMES,
     bleu1,
     corpus_bleu1,

@@ -1,17 +1,30 @@
-"""Cluster mode on one machine: a real two-node Ray cluster (two raylets, each with one logical GPU),
-a real `mlflow server` as the head's tracking server, and the CLI joining the cluster by address.
+"""Cluster mode on one machine: a real two-node Ray cluster (two raylets, each with one logical GPU), a
+real `mlflow server` as the head's tracking server, the CLI joining the cluster by address — and the
+tracking server stopped mid-sweep and started again, with dummy secrets in the driver's environment.
 
 What cannot exist here: GPUs. The nodes declare logical GPUs (Ray schedules them like real ones and
 sets CUDA_VISIBLE_DEVICES); the tiny model then trains on CPU in fp32. Trials ask for a whole GPU each,
 so the two that run at once must land on different nodes; every trial's MLflow run says where it ran.
 """
 
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import MODEL, SPACE, mlflow_server, run_cli
+from tests.conftest import (
+    MODEL,
+    SPACE,
+    Collected,
+    cli_process,
+    epochs_logged,
+    free_port,
+    mlflow_server,
+)
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -27,21 +40,48 @@ def two_node_cluster(monkeypatch):
         cluster.shutdown()
 
 
-def test_sweep_spreads_over_nodes_tracks_to_a_server_and_promotes(two_node_cluster, tiny_model, tmp_path):
+def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_node_cluster, tiny_model, tmp_path):
     shared = tmp_path / "shared"  # stands in for the cluster's shared storage (NFS / S3)
-    with mlflow_server(f"sqlite:///{tmp_path / 'head.db'}", tmp_path / "head-artifacts") as server:
-        result = run_cli(
-            "tune", SPACE, "name=on-cluster", f"storage_path={shared}", f"tracking_uri={server}",
-            "resources.gpu=1", "resources.cpu=1", "max_concurrent_trials=2", "num_samples=2",
-            "trial.epochs=1", "space={n_samples: {choice: [200]}, learning_rate: {choice: [0.003]}}",
-            "scheduler.type=none", "test_max_examples=60", "trial.max_eval_examples=60",
-            "--address", two_node_cluster.address, cwd=tmp_path, env={"RAY_AUTH_MODE": "disabled"})
-        assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    port = free_port()
+    backend, artifacts = f"sqlite:///{tmp_path / 'head.db'}", tmp_path / "head-artifacts"
+    # Tokens come from the environment (a URI with credentials is refused: tests/test_bad_input.py).
+    secrets = {"HF_TOKEN": f"hf_{uuid.uuid4().hex}", "HUGGING_FACE_HUB_TOKEN": f"hf_{uuid.uuid4().hex}",
+               "MLFLOW_TRACKING_TOKEN": uuid.uuid4().hex, "MLFLOW_TRACKING_PASSWORD": uuid.uuid4().hex}
+    server = mlflow_server(backend, artifacts, port)
+    server.__enter__()
+    up = True
+    driver = cli_process(
+        "tune", SPACE, "name=on-cluster", f"storage_path={shared}", f"tracking_uri=http://127.0.0.1:{port}",
+        "resources.gpu=1", "resources.cpu=1", "max_concurrent_trials=2", "num_samples=1", "trial.epochs=3",
+        "space={learning_rate: {grid: [0.003, 0.004]}, n_samples: {choice: [1000]}}", "scheduler.type=none",
+        "test_max_examples=60", "trial.max_eval_examples=60", "--address", two_node_cluster.address,
+        cwd=tmp_path, env={"RAY_AUTH_MODE": "disabled", **secrets})
+    log = Collected(driver.stdout)
+    try:
+        deadline = time.time() + 600
+        while not epochs_logged(backend) and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+        server.__exit__(None, None, None)  # MLflow goes away after the first epoch reached it
+        up = False
+        while "MLflow unreachable" not in log.text() and driver.poll() is None:
+            time.sleep(0.5)
+        time.sleep(3)  # a while without MLflow: the sweep keeps training
+        assert driver.poll() is None, "the sweep ended during the outage; make its trials longer"
+        server = mlflow_server(backend, artifacts, port)
+        server.__enter__()
+        up = True
+        assert driver.wait(900) == 0, log.text()[-3000:]
 
-        client = MlflowClient(server)
+        text = log.text()
+        assert "MLflow reachable again: every queued update is written" in text
+        assert not (shared / "on-cluster" / "mlflow_pending.jsonl").exists()
+        client = MlflowClient(f"http://127.0.0.1:{port}")
         experiment = client.get_experiment_by_name("quickstart")
         trials = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
         assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
+        for run in trials:  # nothing lost or doubled by the outage
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3]
+            assert "best_val_exact_match" in run.data.metrics
         placements = {run.data.tags["runner.placement"] for run in trials}
         nodes = {placement.split(" node ")[1].split()[0] for placement in placements}
         assert len(nodes) == 2, placements  # one trial on each node, each on its node's GPU 0
@@ -49,11 +89,23 @@ def test_sweep_spreads_over_nodes_tracks_to_a_server_and_promotes(two_node_clust
 
         # The adapters reached the server's artifact store (over HTTP, not a shared disk) and the
         # champion is registered there, loadable from its models:/ URI.
-        assert any((tmp_path / "head-artifacts").rglob("adapter_model.safetensors"))
+        assert any(artifacts.rglob("adapter_model.safetensors"))
         champion = client.get_model_version_by_alias(MODEL, "champion")
         adapter = Path(client.download_artifacts(champion.run_id, "checkpoint/adapter"))
         assert (adapter / "adapter_config.json").exists()
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        if up:
+            server.__exit__(None, None, None)
 
     # Tune's experiment state and the driver's sweep state sit on the shared storage: `--resume` finds both.
     assert (shared / "on-cluster" / "runner_sweep.json").exists()
     assert any((shared / "on-cluster").glob("experiment_state-*.json"))
+
+    # No secret anywhere: the MLflow database and artifacts, the sweep's own output, Ray's logs.
+    session = Path(two_node_cluster.head_node.get_session_dir_path())
+    places = [tmp_path / "head.db", *artifacts.rglob("*"), *session.rglob("*")]
+    recorded = b"".join(p.read_bytes() for p in places if p.is_file() and not p.is_symlink()) + text.encode()
+    for name, secret in secrets.items():
+        assert secret.encode() not in recorded, name

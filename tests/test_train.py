@@ -7,13 +7,22 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
+from runner.cli import main
 from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
 
 TRIAL = ["--task", "easy_vqa", "--model", "tiny", "--precision", "fp32", "--lora-rank", "8", "--lr", "3e-3",
          "--n-samples", "300", "--batch-size", "16", "--max-eval-examples", "120", "--epochs", "2"]
+
+
+def invoke(*args: str):
+    """The real CLI in-process (click's runner): the same code path, without a Python start per call."""
+    return CliRunner().invoke(main, list(args))
 
 
 def history(run: Path, epoch: int) -> list[dict]:
@@ -33,9 +42,13 @@ def test_loss_falls_and_checkpoints_describe_themselves(two_epochs):
     first, second = history(two_epochs, 2)
     assert second["train_loss"] < first["train_loss"]
     checkpoint = two_epochs / "epoch-002"
-    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "trainer_state.pt",
-                 "trial_config.json", "metrics.json", "data.json"):
-        assert (checkpoint / name).is_file(), name
+    files = sorted(str(path.relative_to(checkpoint)) for path in checkpoint.rglob("*") if path.is_file())
+    assert files == ["adapter/README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                     "checkpoint.json", "metrics.json", "processor/processor_config.json", "processor/tokenizer.json",
+                     "processor/tokenizer_config.json", "trainer_state.pt", "trial_config.json"]
+    info = json.loads((checkpoint / "checkpoint.json").read_text())
+    assert info["format_version"] == 1 and info["epoch"] == 2 and len(info["data"]["train_fingerprint"]) == 64
+    assert not list(two_epochs.glob(".*"))  # no staging folder left behind (writes are atomic)
     config = json.loads((checkpoint / "trial_config.json").read_text())
     assert config["lora_rank"] == 8 and config["n_samples"] == 300
     adapter = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
@@ -44,8 +57,8 @@ def test_loss_falls_and_checkpoints_describe_themselves(two_epochs):
 
 def test_resume_from_epoch_one_equals_uninterrupted(two_epochs, tmp_path):
     resumed = tmp_path / "resumed"
-    result = run_cli("train", *TRIAL, "--output", str(resumed), "--resume", str(two_epochs / "epoch-001"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = invoke("train", *TRIAL, "--output", str(resumed), "--resume", str(two_epochs / "epoch-001"))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     assert not (resumed / "epoch-001").exists()  # epoch 1 was not trained again
     timing = {"train_samples_per_second"}  # wall-clock, the only thing allowed to differ
     strip = lambda rows: [{k: v for k, v in row.items() if k not in timing} for row in rows]  # noqa: E731
@@ -58,16 +71,16 @@ def test_resume_from_epoch_one_equals_uninterrupted(two_epochs, tmp_path):
 
 def test_resume_with_a_different_config_is_refused(two_epochs, tmp_path):
     changed = [*TRIAL[:-1], "3"]  # epochs 3 instead of 2
-    result = run_cli("train", *changed, "--output", str(tmp_path / "x"), "--resume", str(two_epochs / "epoch-001"))
-    assert result.returncode == 2
+    result = invoke("train", *changed, "--output", str(tmp_path / "x"), "--resume", str(two_epochs / "epoch-001"))
+    assert result.exit_code == 2
     assert "different config (epochs)" in result.stderr
 
 
 def test_eval_scores_a_checkpoint_and_writes_predictions(two_epochs, tmp_path):
     predictions = tmp_path / "predictions.jsonl"
-    result = run_cli("eval", "--adapter", str(two_epochs / "epoch-002"), "--split", "validation",
+    result = invoke("eval", "--adapter", str(two_epochs / "epoch-002"), "--split", "validation",
                      "--predictions", str(predictions))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     scores = json.loads(result.stdout[result.stdout.index("{"):])
     # Same checkpoint, same validation questions: the score the trial logged for its epoch 2.
     assert scores["exact_match"] == pytest.approx(history(two_epochs, 2)[-1]["val_exact_match"])
@@ -112,8 +125,25 @@ def test_bad_input_is_one_line_and_exit_2(case, args, message, tmp_path, tiny_mo
     base = {"--model": "tiny", "--precision": "fp32", "--n-samples": "20", "--epochs": "1"}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value
-    result = run_cli("train", *[item for pair in base.items() for item in pair], "--output", str(out))
-    assert result.returncode == 2, (case, result.stderr[-2000:])
+    result = invoke("train", *[item for pair in base.items() for item in pair], "--output", str(out))
+    assert result.exit_code == 2, (case, result.output[-2000:], result.exception)
     assert message in result.stderr, (case, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.output
     assert not out.exists()  # nothing half written
+
+
+def test_running_out_of_gpu_memory_fails_the_trial_saying_what_to_change(tiny_model, tmp_path, monkeypatch):
+    # No GPU here: the optimizer step raises torch's own OutOfMemoryError, as a full card would.
+    from runner.config import TrialConfig
+    from runner.train.loop import TrialOutOfMemory, train_trial
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", out_of_memory)
+    config = TrialConfig(task="easy_vqa", model="tiny", precision="fp32", n_samples=32, batch_size=16,
+                         max_eval_examples=16)
+    with pytest.raises(TrialOutOfMemory, match=r"out of GPU memory \(batch_size=16.*lower batch_size") as raised:
+        train_trial(config, tmp_path / "out")
+    assert "Tried to allocate 2.00 GiB" in str(raised.value)
+    assert not (tmp_path / "out").exists()  # no checkpoint of an epoch that never finished

@@ -17,11 +17,22 @@ from pathlib import Path
 
 import torch
 
-from runner import metrics
-from runner.config import TrialConfig, build
+from runner.config import TrialConfig
 from runner.errors import UserError
-from runner.features import ImageFeatures, compute_image_features, trial_feature_cache
-from runner.model import compute_dtype, encode_prompts, image_token_id, load_blip2, resolve_device, text_embeddings
+from runner.eval import metrics
+from runner.model.blip2 import (
+    compute_dtype,
+    encode_prompts,
+    image_token_id,
+    load_blip2,
+    resolve_device,
+    text_embeddings,
+)
+from runner.model.features import (
+    ImageFeatures,
+    compute_image_features,
+    trial_feature_cache,
+)
 from tasks import get_task
 from tasks.base import Example, Task, fingerprint
 
@@ -98,16 +109,6 @@ def majority_exact_match(train_answers: list[str], references: list[str]) -> flo
     return sum(ref == majority for ref in references) / len(references)
 
 
-def checkpoint_config(adapter: Path | None, overrides: dict) -> TrialConfig:
-    """The trial's own config when `adapter` is an epoch checkpoint, updated by explicit overrides."""
-    from runner.train import CONFIG_FILE
-
-    saved = {}
-    if adapter is not None and (adapter / CONFIG_FILE).exists():
-        saved = json.loads((adapter / CONFIG_FILE).read_text())
-    return build(TrialConfig, {**saved, **overrides}, str(adapter / CONFIG_FILE) if saved else "command line")
-
-
 @dataclass
 class Evaluation:
     scores: dict[str, float]
@@ -120,12 +121,11 @@ def one_shot_exemplar(task: Task, seed: int) -> Example:
     return random.Random(seed).choice(task.load_split("train").examples)
 
 
-def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_shot: bool = False,
-                  save_processor: Path | None = None) -> Evaluation:
+def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_shot: bool = False) -> Evaluation:
     """Score an adapter (epoch checkpoint or PEFT adapter directory) or the bare model on a split."""
     from peft import PeftModel
 
-    from runner.train import ADAPTER_DIR
+    from runner.train.checkpoint import adapter_dir
 
     device = resolve_device(config.device)
     task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
@@ -140,12 +140,7 @@ def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_
                                       device, dtype, config.eval_batch_size,
                                       trial_feature_cache(config, dtype, model, processor))
     if adapter is not None:
-        adapter_dir = adapter / ADAPTER_DIR if (adapter / ADAPTER_DIR).is_dir() else adapter
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise UserError(f"adapter: {adapter} holds no PEFT adapter (adapter_config.json)")
-        PeftModel.from_pretrained(model, adapter_dir)  # injects LoRA into model.language_model in place
-    if save_processor is not None:
-        processor.save_pretrained(save_processor)
+        PeftModel.from_pretrained(model, adapter_dir(adapter))  # injects LoRA into model.language_model in place
     exemplar = one_shot_exemplar(task, config.seed) if one_shot else None
     scores, rows = evaluate(model, processor, task, examples, features, exemplar=exemplar,
                             batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)

@@ -1,63 +1,30 @@
-"""The offline tiny BLIP-2 (Flan-T5 style): built from a config, then pre-trained for ~2 CPU minutes.
+"""The offline tiny BLIP-2 (Flan-T5 style): built from a config, then pre-trained for ~1.5 CPU minutes.
 
-Why this exists
----------------
 Tests and the quick-start need a BLIP-2 that loads through exactly the code path of
-`Salesforce/blip2-flan-t5-xl` (`Blip2ForConditionalGeneration.from_pretrained` +
-`Blip2Processor.from_pretrained`) without a download, and that *looks at the image*: a LoRA
-fine-tune of its language model on easy-VQA must score clearly higher with each question's own
-image than with a shuffled one. A randomly initialised tiny BLIP-2 does not: LoRA on it learns the
-question prior only (FACTS.md), because nothing downstream of the frozen image path can recover
-image information that a random ViT/Q-Former does not carry and a random T5 does not read.
+`Salesforce/blip2-flan-t5-xl` without a download, and that *looks at the image*: a LoRA fine-tune of
+its language model on easy-VQA must score clearly higher with each question's own image than with a
+shuffled one. A randomly initialised tiny BLIP-2 does not (LoRA learns the question prior only:
+../shared/FACTS.md), so the recipe pre-trains it, as BLIP-2 itself was pre-trained, on easy-VQA *train*
+images 0..2999 (3000..3999 are held out for the accuracies in TINY_MODEL.json; questions and the test
+split are never read):
 
-So `build_tiny_blip2` pre-trains the model, as BLIP-2 itself was pre-trained before anyone
-fine-tuned it, on easy-VQA *train* images (ids 0..2999; 3000..3999 are held out and used only for
-the accuracies in TINY_MODEL.json; the test split is never read). Questions are never trained on:
+- Stage 1, the image path (ViT, Q-Former, query tokens, projection): linear heads on the mean projected
+  query output classify each image's colour and shape; two dense losses on the ViT's patch tokens
+  (the shape under each outline patch, each patch's 4x4 foreground raster) make shape learnable in
+  1,200 steps (held-out shape 0.89-0.96 over 5 seeds, colour 0.99). The heads are discarded.
+- Stage 2, image-grounded generation through T5 (all weights + projection, image path frozen): half
+  captioning ("a picture of" -> "blue circle", words in random order), half image-text matching as
+  generation ("a circle ." -> yes/no). Without the matching half yes/no stayed at the question prior.
 
-Stage 1 - representation learning for the image path (ViT, Q-Former, query tokens, projection).
-    Auxiliary linear heads read the mean of the projected query outputs (exactly the vectors T5
-    will see) and classify the image's colour (8 classes) and shape (3). The per-image labels are
-    derived from the package's own train questions/answers ("what color is the shape?" -> blue,
-    "is there not a circle?" -> no, ...; see `image_labels`). Colour is learnt in ~100 steps.
-    Shape is hard for a ViT trained from scratch (it sits at chance for hundreds of steps; after
-    800 steps held-out accuracy varied from 0.68 to 0.92 between seeds), so two dense
-    losses on the ViT's patch tokens speed it up: every patch that the shape's outline crosses
-    predicts the image's shape, and every patch predicts its own 4x4 foreground raster
-    (foreground = pixels that differ from the background colour, computed from the pixels).
-    After 1,200 steps held-out shape accuracy is 0.89-0.96 over 5 seeds. The heads are discarded.
+A LoRA fine-tune as `runner.train` does it (r=8, lr 3e-3, 3 epochs over 2,000 questions) then scores
+~91% exact match with each question's own image against ~67% with shuffled images (seed 0).
 
-Stage 2 - image-grounded generation through the language model (T5, all weights, + projection).
-    The image path is frozen and its Q-Former output cached. Half of each batch is captioning
-    (prompt "a picture of" -> "blue circle"; the two words come in random order so the first
-    generated token has to depend on both attributes), half is image-text matching phrased as
-    generation, BLIP-2's ITM objective moved into the language model: a statement such as
-    "a picture of a blue shape ." or "a circle ." (4 templates, so matching is done by content, not
-    by position) -> "yes" / "no", true and false 50/50. Questions are never shown, so the LoRA
-    fine-tune has to teach question answering (the "Question: ... Answer:" format, picking the
-    asked-for attribute, negation), which is the comparison the product reports. Training the
-    projection with T5 also puts the image tokens on the scale of T5's word embeddings (std ~2.3
-    vs ~1.0; in a random model they were ~5e-4). Without the matching half, yes/no questions stayed
-    at the question prior (own image = shuffled image); with "true"/"false" as its answer words
-    instead of "yes"/"no", too.
+Traps handled (FACTS.md): `Blip2VisionConfig.initializer_range` defaults to 1e-10 (a blind model), so
+it is set to 0.02; `_init_weights` zeroes `query_tokens`, so they are re-drawn; the processor adds the
+`<image>` token itself and `image_token_index` is set to its id; T5Config ties the embeddings.
 
-Measured on 2 CPU cores (build ~110 s unloaded; it took 300 s while other jobs shared the cores):
-the vision path reaches 0.89-0.96 held-out shape and 0.99 colour accuracy (seeds 0-2). A LoRA
-fine-tune as `runner.train` does it (r=8, alpha=16, q/v of T5 only, AdamW lr 3e-3 with warmup and
-linear decay, batch 8 or 16, 3 epochs over 2,000 seeded train questions; 15-25 s) then scores, in
-greedy exact match on 500 questions about held-out train images, 90.8% with each question's own
-image against 66.6% with shuffled images (seed 0; test split 89.0% vs 63.2%; seeds 1 and 2: gaps of
-28-30 points). Colour and shape questions reach 93-100% (shuffled: 5-15% and 25-38%); yes/no
-~90% (shuffled ~79%: the question prior, "not" -> yes, alone gives ~82%). Zero-shot (before LoRA)
-scores 13-37%, no better than always answering "no" (36%). Weaker fine-tunes see less: lr 1e-3
-gives a ~19-point gap, lr 3e-4 ~6-13, 500 questions ~13-16.
-
-Traps handled (FACTS.md): `Blip2VisionConfig.initializer_range` defaults to 1e-10 (a blind model),
-so it is set to 0.02; `_init_weights` zeroes `query_tokens`, so they are re-drawn (std 0.02); the
-processor adds the `<image>` token itself and `image_token_index` is set to its id; T5Config in
-transformers 5.24 ties the input and output embeddings (so does this model).
-
-Bump TINY_VERSION whenever the recipe or the tokenizer changes: `runner.model` caches the build
-under a directory named after it.
+The built model ships in `runner/tiny/artifact/` (see runner/tiny/__init__.py). Bump TINY_VERSION
+whenever the recipe or the tokenizer changes, and regenerate the artifact: `python -m runner.tiny`.
 """
 
 from __future__ import annotations
@@ -78,7 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.model import encode_answers, encode_prompts, image_token_id, text_embeddings
+from runner.model.blip2 import (
+    encode_answers,
+    encode_prompts,
+    image_token_id,
+    text_embeddings,
+)
+from runner.tiny import TINY_VERSION
 
 if TYPE_CHECKING:
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -86,7 +59,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")  # the build always runs on CPU (deterministic, and GPU-less machines need it)
 
-TINY_VERSION = "2"  # "1" named intermediate recipes while this file was being developed
 
 COLORS = ("red", "green", "blue", "black", "gray", "teal", "yellow", "brown")
 SHAPES = ("circle", "rectangle", "triangle")
@@ -158,6 +130,7 @@ def build_with_recipe(output_dir: Path, recipe: Recipe, *, seed: int = 0, log_ev
             torch.manual_seed(seed)
             report = _build(staging, recipe, seed, log_every)
         report["seconds"] = round(time.perf_counter() - started, 1)
+        report["files"] = file_hashes(staging)
         (staging / "TINY_MODEL.json").write_text(json.dumps(report, indent=2) + "\n")
         _move_into(staging, output_dir)
     finally:
@@ -165,6 +138,25 @@ def build_with_recipe(output_dir: Path, recipe: Recipe, *, seed: int = 0, log_ev
         shutil.rmtree(staging, ignore_errors=True)
     log.info("tiny BLIP-2 built in %.1f s into %s", report["seconds"], output_dir)
     return output_dir
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of each weight and tokenizer file: what `runner.tiny.model_dir` verifies on load."""
+    import hashlib
+
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())
+            if path.is_file() and path.name != "TINY_MODEL.json"}
+
+
+def quality_gate(report: dict[str, Any], margin: float = 0.3) -> list[str]:
+    """What makes a build unusable: captions that name the image's colour no more often with its own
+    image than with another's (the model ignores the image); empty when the build passes."""
+    own = report["stage2"]["held_out_caption_colour_accuracy"]
+    shuffled = report["stage2"]["held_out_caption_colour_accuracy_shuffled"]
+    if own < shuffled + margin:
+        return [f"held-out caption colour accuracy {own:.3f} is not {margin} above the shuffled-image "
+                f"control's {shuffled:.3f}"]
+    return []
 
 
 def _build(staging: Path, recipe: Recipe, seed: int, log_every: int) -> dict[str, Any]:
@@ -188,6 +180,9 @@ def _build(staging: Path, recipe: Recipe, seed: int, log_every: int) -> dict[str
         report[name] = stage(model, processor, data, recipe, log_every)
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)
     model.eval()
+    failed = quality_gate(report)
+    if failed:
+        raise RuntimeError(f"tiny BLIP-2: the build fails its quality gate: {'; '.join(failed)}")
     staging.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(staging)
     processor.save_pretrained(staging)
@@ -320,7 +315,14 @@ def _vocabulary() -> list[str]:
 
 def _build_processor(recipe: Recipe) -> Blip2Processor:
     """A WordLevel tokenizer (no download) laid out as T5's, plus a BlipImageProcessor."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
 
     vocab = {word: index for index, word in enumerate(_vocabulary())}
@@ -536,6 +538,10 @@ def _stage2(
         captions = [set(c.split()) for c in _generate(model, processor, [CAPTION_PROMPT] * len(held), features)]
         result["held_out_caption_colour_accuracy"] = _mean(COLORS[c] in w for c, w in zip(colours, captions))
         result["held_out_caption_shape_accuracy"] = _mean(SHAPES[s] in w for s, w in zip(shapes, captions))
+        # The control: each caption generated from another image's features must miss the colour.
+        shuffled = [set(c.split()) for c in _generate(model, processor, [CAPTION_PROMPT] * len(held),
+                                                      features.roll(1, dims=0))]
+        result["held_out_caption_colour_accuracy_shuffled"] = _mean(COLORS[c] in w for c, w in zip(colours, shuffled))
         check = torch.Generator().manual_seed(0)
         prompts, targets = _stage2_examples(colours, shapes, check, itm_fraction=1.0)
         answers = _generate(model, processor, prompts, features)

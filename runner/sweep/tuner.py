@@ -1,9 +1,8 @@
-"""The sweep: Ray Tune over the search space; each trial a Ray Train worker running `train_trial`.
+"""The tuner: connect to Ray, size the concurrency, build (or restore) the Tuner and run the sweep.
 
-Ray 2.60 runs Train V2, which no longer accepts a `TorchTrainer` inside a `Tuner`; the supported shape
-(and ours) is a small Tune trial function (`run_trial`, 0.1 CPU, no GPU) that builds and fits a
-one-worker `TorchTrainer`; `TuneReportCallback` forwards the worker's per-epoch reports to Tune, so
-ASHA can stop a trial between epochs. MLflow logging hangs off the Tune driver (runner/tracking.py).
+Tune's own pieces do the work: the seeded `BasicVariantGenerator` draws trials, ASHA stops weak ones
+between epochs, `Tuner.restore` resumes. MLflow hangs off the driver as a Tune callback
+(runner/tracking/callback.py); the trials themselves (runner/sweep/trial.py) never touch it.
 """
 
 from __future__ import annotations
@@ -11,28 +10,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray import train, tune
+from ray import tune
 
-from runner.config import SweepConfig, TrialConfig, build
+from runner.config import SweepConfig
 from runner.errors import UserError
-from runner.tracking import PLACEMENT_KEY
+from runner.sweep import state
+from runner.sweep.trial import DRIVER_CPU, run_trial
 
 log = logging.getLogger(__name__)
-
-DRIVER_CPU = 0.1  # the Tune trial function only waits on its TorchTrainer (0 CPU is rejected by Tune)
 
 
 @dataclass
 class SweepOutcome:
     sweep_run_id: str
     results: Any  # ray.tune.ResultGrid
-    path: str
 
 
 def connect(address: str | None) -> dict[str, float]:
@@ -85,75 +81,6 @@ def concurrency(config: SweepConfig, resources: dict[str, float]) -> int:
     return max(1, fit)
 
 
-def tune_domain(domain: dict[str, Any]):
-    kind, values = next(iter(domain.items()))
-    if kind == "grid":
-        return tune.grid_search(values)
-    if kind == "choice":
-        return tune.choice(values)
-    return getattr(tune, kind)(*values)
-
-
-def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu: float, max_failures: int,
-              storage_path: str, sweep: str) -> None:
-    """Tune trial function: fit a one-worker TorchTrainer on this trial's config."""
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    config = build(TrialConfig, {**base, **sampled}, "trial")
-    trial_id = tune.get_context().get_trial_id()
-    trainer = TorchTrainer(
-        train_loop_per_worker=worker_loop,
-        train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu))},
-        # One worker never communicates: gloo sets up without a CUDA device (the logical GPUs of a
-        # simulated cluster) and leaves a shared card free of NCCL's communicator.
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=train.ScalingConfig(num_workers=1, use_gpu=gpu > 0,
-                                           resources_per_worker={"CPU": cpu, **({"GPU": gpu} if gpu else {})}),
-        run_config=train.RunConfig(
-            name=f"{sweep}-{trial_id}",  # deterministic: a restored sweep resumes this Train run
-            storage_path=storage_path,
-            callbacks=[TuneReportCallback()],
-            failure_config=train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
-        ),
-    )
-    trainer.fit()
-
-
-def worker_loop(loop_config: dict[str, Any]) -> None:
-    """What the Ray Train worker runs: `train_trial`, resuming from Ray's latest checkpoint if any."""
-    import tempfile
-
-    import torch
-
-    from runner.train import train_trial
-
-    torch.set_num_threads(loop_config["threads"])  # unpinned threads thrash a shared CPU
-    config = TrialConfig(**loop_config["trial"])
-    checkpoint = train.get_checkpoint()
-    resume = None
-    if checkpoint is not None:
-        resume = Path(checkpoint.to_directory())
-
-    placement = worker_placement()
-
-    def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        train.report({**metrics, PLACEMENT_KEY: placement},
-                     checkpoint=train.Checkpoint.from_directory(str(checkpoint_dir)))
-
-    with tempfile.TemporaryDirectory(prefix="trial-") as output:
-        train_trial(config, Path(output), report=report, resume_from=resume)
-
-
-def worker_placement() -> str:
-    """Host, Ray node and GPU ids of this Train worker: which node ran which trial, on a cluster."""
-    import socket
-
-    node = ray.get_runtime_context().get_node_id()
-    gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
-    return f"{socket.gethostname()} node {node[:12]} GPU {gpus}"
-
-
 def make_scheduler(config: SweepConfig):
     if config.scheduler.type == "none":
         return None
@@ -163,46 +90,47 @@ def make_scheduler(config: SweepConfig):
                          reduction_factor=config.scheduler.reduction_factor)
 
 
-def build_tuner(config: SweepConfig, storage_path: str, callbacks: list, max_concurrent: int,
-                restore: bool) -> tune.Tuner:
+def param_space(config: SweepConfig) -> dict[str, Any]:
+    return {key: domain.to_tune() for key, domain in config.space.items()}
+
+
+def search_algorithm(config: SweepConfig, max_concurrent: int):
+    """Seeded sampling: the same space file draws the same trials. A search_alg of our own must carry the
+    concurrency limit itself (TuneConfig's only reaches the default one)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=config.trial.seed, max_concurrent=max_concurrent)
+
+
+def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, restore: bool) -> tune.Tuner:
+    storage_path = config.storage
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.trial.to_dict(), gpu=config.resources.gpu,
                              cpu=config.resources.cpu, max_failures=config.max_failures,
                              storage_path=storage_path, sweep=config.name),
         {"cpu": DRIVER_CPU},
     )
-    param_space = {key: tune_domain(domain) for key, domain in config.space.items()}
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     if restore:
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{config.name}", trainable=trainable,  # a URI too
-                                  param_space=param_space, resume_unfinished=True, resume_errored=False)
+                                  param_space=param_space(config), resume_unfinished=True, resume_errored=False)
     return tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=param_space(config),
         tune_config=tune.TuneConfig(
             metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
-            num_samples=config.num_samples,
-            # Seeded sampling: the same space file draws the same trials. A search_alg of our own must
-            # carry the concurrency limit itself (TuneConfig's only reaches the default one).
-            search_alg=BasicVariantGenerator(random_state=config.trial.seed, max_concurrent=max_concurrent)),
+            num_samples=config.num_samples, search_alg=search_algorithm(config, max_concurrent)),
         run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=callbacks,
                                   verbose=1, failure_config=tune.FailureConfig(max_failures=0)),
     )
 
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\- ]{0,254}$")
-
-
 def check_inputs(config: SweepConfig) -> None:
     """What would otherwise fail inside every trial, checked once on the driver: the data loads, every
     n_samples the space can draw fits the train split, the model directory exists, int8 has a GPU."""
-    from runner.model import TINY_MODEL, resolve_model
+    from runner.model.blip2 import resolve_model
+    from runner.tiny import TINY_MODEL
     from tasks import get_task
 
-    if not MODEL_NAME.match(config.registered_model):
-        raise UserError(f"registered_model: {config.registered_model!r} is not a valid MLflow model name "
-                        "(letters, digits, '.', '_', '-', spaces)")
     trial = config.trial
     if trial.precision in ("int8", "nf4") and config.resources.gpu == 0:
         raise UserError(f"trial.precision: {trial.precision} needs a GPU per trial (resources.gpu > 0); "
@@ -217,28 +145,21 @@ def check_inputs(config: SweepConfig) -> None:
                     val_fraction=trial.val_fraction, seed=trial.seed)
     size = len(task.load_split("train").examples)
     domain = config.space.get("n_samples")
-    drawn = [trial.n_samples] if domain is None else list(next(iter(domain.values())))
-    largest = max((n for n in drawn if n is not None), default=None)
+    largest = trial.n_samples if domain is None else domain.largest
     if largest is not None and largest > size:
         raise UserError(f"n_samples: {largest} is larger than the {trial.task} train split ({size} questions)")
-    if trial.model == TINY_MODEL:
-        resolve_model(TINY_MODEL)  # built once here, not by each of the first trials at the same time
+    resolve_model(trial.model)  # the tiny artifact is verified once here, before any trial starts
 
 
 def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str) -> SweepOutcome:
     """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
-    from runner.tracking import Tracker, default_tracking_uri, save_sweep_state, sweep_state_file
+    from runner.tracking.callback import TrialRuns
+    from runner.tracking.client import FAILED_TRIALS_TAG, Tracker, default_tracking_uri
 
-    storage_path = config.storage
-    # Our MLflow callback queues failed writes and retries them at the next event: no need for the
-    # client's own minutes-long retry loop to stall the sweep driver during an outage.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    state_file = sweep_state_file(config.state_dir)
-    if resume and not state_file.exists():
-        raise UserError(f"--resume: no sweep named {config.name!r} in {storage_path}")
-    if not resume and state_file.exists():
-        raise UserError(f"name: a sweep {config.name!r} already exists in {storage_path}; "
+    if resume and not state.exists(config):
+        raise UserError(f"--resume: no sweep named {config.name!r} in {config.storage}")
+    if not resume and state.exists(config):
+        raise UserError(f"name: a sweep {config.name!r} already exists in {config.storage}; "
                         f"pass --resume to continue it or choose another name (name=...)")
     check_inputs(config)  # data, model, sizes: before anything is written or started
     tracking_uri = config.tracking_uri or default_tracking_uri()
@@ -246,16 +167,14 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
     resources = connect(address)
     max_concurrent = concurrency(config, resources)
     if resume:
-        import json
-
-        sweep_run_id = json.loads(state_file.read_text())["sweep_run_id"]
+        sweep_run_id = state.read(config)["sweep_run_id"]
         tracker.client.update_run(sweep_run_id, status="RUNNING")
     else:
-        sweep_run_id = tracker.start_sweep(config.name, config_dict(config), command, tags={
+        sweep_run_id = tracker.start_sweep(config.name, config.to_dict(), command, tags={
             "runner.task": config.trial.task, "runner.base_model": config.trial.model,
             "runner.precision": config.trial.precision})
-        save_sweep_state(config.state_dir, {"sweep_run_id": sweep_run_id, "tracking_uri": tracking_uri,
-                                                      "experiment": config.experiment, "config": config_dict(config)})
+        state.write(config, {"sweep_run_id": sweep_run_id, "tracking_uri": tracking_uri,
+                             "experiment": config.experiment, "config": config.to_dict()})
     if address is None and 0 < config.resources.gpu < 1 and not mps_running():
         log.warning("trials share GPUs (resources.gpu=%g) but CUDA MPS is not running: their kernels will be "
                     "time-sliced (4 int8 trials on one card: 1.74x one trial's throughput without MPS, 4.07x "
@@ -263,33 +182,15 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
                     config.resources.gpu)
     log.info("sweep %s: up to %d trials at once on %s; MLflow run %s at %s", config.name, max_concurrent,
              {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, sweep_run_id, tracking_uri)
-    callbacks = [trial_runs(config, tracking_uri, sweep_run_id)]
-    tuner = build_tuner(config, storage_path, callbacks, max_concurrent, restore=resume)
-    results = tuner.fit()
+    callback = TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
+                         config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config))
+    results = build_tuner(config, [callback], max_concurrent, restore=resume).fit()
     failed = sum(result.error is not None for result in results)
-    tracker.client.set_tag(sweep_run_id, "runner.failed_trials", str(failed))
+    tracker.client.set_tag(sweep_run_id, FAILED_TRIALS_TAG, str(failed))
     tracker.client.set_terminated(sweep_run_id, "FINISHED")
-    return SweepOutcome(sweep_run_id=sweep_run_id, results=results, path=f"{storage_path.rstrip('/')}/{config.name}")
+    return SweepOutcome(sweep_run_id=sweep_run_id, results=results)
 
 
 def mps_running() -> bool:
     """Whether this machine's CUDA MPS control daemon is up (its pipe, where CUDA clients look for it)."""
     return (Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")) / "control").exists()
-
-
-def trial_runs(config: SweepConfig, tracking_uri: str, sweep_run_id: str):
-    from runner.tracking import TrialRuns
-
-    return TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
-                     config.trial.to_dict(), config.storage, journal_file(config))
-
-
-def journal_file(config: SweepConfig) -> Path:
-    """MLflow updates that could not be written yet."""
-    return config.state_dir / "mlflow_pending.jsonl"
-
-
-def config_dict(config: SweepConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(config)

@@ -1,6 +1,6 @@
 """Loading BLIP-2 (Flan-T5) at one precision, adding LoRA, and the frozen image path.
 
-The real `Salesforce/blip2-flan-t5-xl` and the offline tiny model (`tiny`, see runner/tiny.py) go
+The real `Salesforce/blip2-flan-t5-xl` and the offline tiny model (`tiny`, see runner/tiny/) go
 through the same `from_pretrained` code; only the name resolves differently.
 """
 
@@ -15,29 +15,25 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from runner.config import Precision
 from runner.errors import UserError
+from runner.tiny import TINY_MODEL
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL = "tiny"
 LORA_TARGETS = ["q", "v"]  # Flan-T5 attention only (the Q-Former uses query/value, the ViT qkv)
 
 
 def cache_dir() -> Path:
-    """Where built artifacts (the tiny model, image features) are kept between runs."""
+    """This node's cache (image features), kept between runs: RUNNER_CACHE or ~/.cache/blip2-lora-runner."""
     return Path(os.environ.get("RUNNER_CACHE", Path.home() / ".cache" / "blip2-lora-runner"))
 
 
 def resolve_model(name: str) -> str:
-    """`tiny` → the tiny model's directory (built once, deterministically); anything else as given."""
+    """`tiny` → the shipped tiny model's directory (verified); anything else (hub id, path) as given."""
     if name != TINY_MODEL:
         return name
-    from runner.tiny import TINY_VERSION, build_tiny_blip2
+    from runner.tiny import model_dir
 
-    path = cache_dir() / f"tiny-blip2-{TINY_VERSION}"
-    if not (path / "config.json").exists():
-        log.info("building the offline tiny BLIP-2 into %s (once)", path)
-        build_tiny_blip2(path)
-    return str(path)
+    return str(model_dir())
 
 
 def resolve_device(requested: str) -> torch.device:

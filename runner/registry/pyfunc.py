@@ -1,4 +1,5 @@
-"""The registered model: an MLflow pyfunc whose artifacts are the PEFT adapter and the processor.
+"""The registered model: an MLflow pyfunc whose one artifact is the trial's checkpoint folder (the PEFT
+adapter, the processor and the resolved trial config: runner/train/checkpoint.py).
 
 The base model is named (hub id or local path + revision + precision), not copied: BLIP-2 is 4 B
 parameters and `mlflow.transformers` would save all of it per version (mlflow issue 22020).
@@ -8,7 +9,6 @@ parameters and `mlflow.transformers` would save all of it per version (mlflow is
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -34,25 +34,30 @@ class Blip2LoraModel(mlflow.pyfunc.PythonModel):
         from peft import PeftModel
         from transformers import Blip2Processor
 
-        from runner.config import TrialConfig
-        from runner.model import check_image_tokens, compute_dtype, load_blip2, resolve_device
+        from runner.model.blip2 import (
+            check_image_tokens,
+            compute_dtype,
+            load_blip2,
+            resolve_device,
+        )
+        from runner.tracking.artifacts import CHECKPOINT_ARTIFACT
+        from runner.train import checkpoint
         from tasks import get_task
 
-        settings = json.loads(Path(context.artifacts["settings"]).read_text())
-        self.trial = TrialConfig(**settings["trial"])
+        saved = checkpoint.load(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
+        self.trial = saved.config
         self.device = resolve_device(self.trial.device)
         self.dtype = compute_dtype(self.trial.precision, self.device)
-        model, _ = load_blip2(settings["base_model"], settings["precision"], self.device,
-                              settings.get("base_model_revision"))
-        self.processor = Blip2Processor.from_pretrained(context.artifacts["processor"])
-        check_image_tokens(model, self.processor, settings["base_model"])
-        PeftModel.from_pretrained(model, context.artifacts["adapter"])
+        model, _ = load_blip2(self.trial.model, self.trial.precision, self.device, self.trial.model_revision)
+        self.processor = Blip2Processor.from_pretrained(saved.processor)
+        check_image_tokens(model, self.processor, self.trial.model)
+        PeftModel.from_pretrained(model, saved.adapter)
         self.model = model.eval()
         self.task = get_task(self.trial.task, data=self.trial.data)
 
     def predict(self, context, model_input, params=None) -> list[str]:
-        from runner.evaluate import generate
-        from runner.features import compute_image_features
+        from runner.eval.evaluate import generate
+        from runner.model.features import compute_image_features
         from tasks.base import Example, decode_image, image_key
 
         images, examples = {}, []

@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from runner.registry import Blip2LoraModel
+from runner.registry.pyfunc import Blip2LoraModel
 
 set_model(Blip2LoraModel())

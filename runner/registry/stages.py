@@ -13,12 +13,19 @@ import logging
 import tempfile
 from pathlib import Path
 
-from runner.held_out import evaluate_on_test, pack
-from runner.tracking import KIND_TAG, PARENT_TAG, Tracker, download_checkpoint
+from runner.eval.evaluate import write_predictions
+from runner.eval.held_out import evaluate_on_test
+from runner.tracking.artifacts import download_checkpoint
+from runner.tracking.client import (
+    KIND_TAG,
+    PARENT_TAG,
+    STAGE_TAG,
+    TRIAL_RUN_TAG,
+    Tracker,
+)
 
 log = logging.getLogger(__name__)
 
-STAGE_TAG = "runner.stage"
 BASE_STAGES = {"zero-shot": False, "one-shot": True}  # stage -> one-shot prompt
 
 
@@ -27,21 +34,19 @@ def compare_stages(tracker: Tracker, *, sweep_run_id: str, trial_run_id: str, te
     """Create the missing base-model stage runs under the sweep; return the stages created."""
     from mlflow.entities import Metric
 
-    from runner.evaluate import write_predictions
-
     client = tracker.client
     created = []
-    files = None
+    folder = None
     for stage, one_shot in BASE_STAGES.items():
         if tracker.find_run(**{PARENT_TAG: sweep_run_id, STAGE_TAG: stage}):
             continue
-        if files is None:
-            files = pack(download_checkpoint(tracker.tracking_uri, trial_run_id))
+        if folder is None:
+            folder = download_checkpoint(tracker.tracking_uri, trial_run_id)
         log.info("scoring the %s stage on the test split", stage)
-        result, _ = evaluate_on_test(files, test_max_examples, resources, with_adapter=False, one_shot=one_shot)
+        result = evaluate_on_test(folder, test_max_examples, resources, with_adapter=False, one_shot=one_shot)
         run_id = client.create_run(tracker.experiment_id, run_name=f"stage-{stage}", tags={
             "mlflow.parentRunId": sweep_run_id, PARENT_TAG: sweep_run_id, KIND_TAG: "stage", STAGE_TAG: stage,
-            "runner.trial_run_id": trial_run_id, "test_fingerprint": result.fingerprint}).info.run_id
+            TRIAL_RUN_TAG: trial_run_id, "test_fingerprint": result.fingerprint}).info.run_id
         client.log_param(run_id, "stage", stage)
         client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), 0, 0) for k, v in result.scores.items()])
         with tempfile.TemporaryDirectory() as scratch:

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from runner.model import image_features
+from runner.model.blip2 import image_features
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def feature_cache(root: Path, model: str, revision: str | None, precision: str, 
 
 def trial_feature_cache(config, dtype: torch.dtype, loaded, processor) -> FeatureCache | None:
     """The node's cache for a trial's model and precision (None when the trial turns it off)."""
-    from runner.model import cache_dir, resolve_model
+    from runner.model.blip2 import cache_dir, resolve_model
 
     if not config.cache_image_features:
         return None

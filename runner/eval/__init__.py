@@ -1,0 +1,1 @@
+"""Scoring: batched greedy generation and the metrics (evaluate.py, metrics.py), held-out test runs (held_out.py)."""

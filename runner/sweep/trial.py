@@ -1,0 +1,102 @@
+"""One trial of the sweep: the Tune trial function and the Ray Train worker it starts. Imports no MLflow.
+
+Ray 2.60 runs Train V2, which no longer accepts a `TorchTrainer` inside a `Tuner`; the supported shape
+(and ours) is a small Tune trial function (`run_trial`, 0.1 CPU, no GPU) that builds and fits a
+one-worker `TorchTrainer`; `TuneReportCallback` forwards the worker's per-epoch reports to Tune, so
+ASHA can stop a trial between epochs.
+
+A crash of the worker (a killed process, a lost node) is retried from the last checkpoint up to
+`max_failures` times. A trial that fails by its own settings — its loss diverges, it runs out of GPU
+memory, its input is bad — would fail the same way again, so the worker reports the reason instead of
+raising and the trial function fails the trial at once, without a retry.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import train, tune
+
+from runner.config import TrialConfig, build
+
+PLACEMENT_KEY = "placement"  # the worker's report key for where it ran (host, Ray node, GPU)
+FATAL_KEY = "fatal_error"  # the worker's report key for a failure that a retry would repeat
+FATAL_FILE = "FATAL"  # the marker checkpoint it comes with: Ray Train's Result keeps checkpointed reports only
+DRIVER_CPU = 0.1  # the Tune trial function only waits on its TorchTrainer (0 CPU is rejected by Tune)
+
+
+class TrialFailed(RuntimeError):
+    """The trial's own settings made it fail (reason from its worker); not retried."""
+
+
+def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu: float, max_failures: int,
+              storage_path: str, sweep: str) -> None:
+    """Tune trial function: fit a one-worker TorchTrainer on this trial's config."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    config = build(TrialConfig, {**base, **sampled}, "trial")
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker_loop,
+        train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu))},
+        # One worker never communicates: gloo sets up without a CUDA device (the logical GPUs of a
+        # simulated cluster) and leaves a shared card free of NCCL's communicator.
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=train.ScalingConfig(num_workers=1, use_gpu=gpu > 0,
+                                           resources_per_worker={"CPU": cpu, **({"GPU": gpu} if gpu else {})}),
+        run_config=train.RunConfig(
+            name=f"{sweep}-{trial_id}",  # deterministic: a restored sweep resumes this Train run
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
+        ),
+    )
+    result = trainer.fit()
+    if (result.metrics or {}).get(FATAL_KEY):
+        raise TrialFailed(result.metrics[FATAL_KEY])
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """What the Ray Train worker runs: `train_trial`, resuming from Ray's latest checkpoint if any."""
+    import torch
+
+    from runner.errors import UserError
+    from runner.train.loop import TrialDiverged, TrialOutOfMemory, train_trial
+
+    torch.set_num_threads(loop_config["threads"])  # unpinned threads thrash a shared CPU
+    config = TrialConfig(**loop_config["trial"])
+    latest = train.get_checkpoint()
+    placement = worker_placement()
+
+    def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
+        train.report({**metrics, PLACEMENT_KEY: placement},
+                     checkpoint=train.Checkpoint.from_directory(str(checkpoint_dir)))
+
+    with tempfile.TemporaryDirectory(prefix="trial-") as output:
+        resume = Path(latest.to_directory()) if latest is not None else None
+        if resume is not None and (resume / FATAL_FILE).exists():  # failed for good before a restart
+            return report_fatal(Path(output), (resume / FATAL_FILE).read_text())
+        try:
+            train_trial(config, Path(output), report=report, resume_from=resume)
+        except (TrialDiverged, TrialOutOfMemory, UserError) as error:
+            report_fatal(Path(output), f"{type(error).__name__}: {error}")
+
+
+def report_fatal(output: Path, reason: str) -> None:
+    marker = output / "fatal"
+    marker.mkdir()
+    (marker / FATAL_FILE).write_text(reason)
+    train.report({FATAL_KEY: reason}, checkpoint=train.Checkpoint.from_directory(str(marker)))
+
+
+def worker_placement() -> str:
+    """Host, Ray node and GPU ids of this Train worker: which node ran which trial, on a cluster."""
+    import socket
+
+    node = ray.get_runtime_context().get_node_id()
+    gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
+    return f"{socket.gethostname()} node {node[:12]} GPU {gpus}"

@@ -1,0 +1,264 @@
+"""The Tune callback that records a sweep in MLflow: one child run per trial, written from the sweep driver.
+
+Why our own callback and not `ray.air.integrations.mlflow.MLflowLoggerCallback`: that one creates a new
+run every time a trial starts, so a resumed sweep duplicates runs, and it cannot nest trials under the
+sweep or log the best epoch's adapter from Ray Train checkpoints. Here every run is found again by its
+tags (`runner.sweep_run_id`, `runner.trial_id`) and every metric step is logged at most once.
+
+An MLflow outage costs warnings, not training: an update that fails for a *transient* reason (the server
+unreachable, a 5xx, a timeout) waits in the journal, in order, and is retried at the next event or by
+`runner sync`; one that fails for a *permanent* reason (a value MLflow rejects, a missing local file)
+is recorded with its reason in the failed file, skipped, and reported at the end of the sweep and by
+`runner sync`, so it never blocks the updates behind it. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from runner.errors import UserError
+from runner.sweep.trial import PLACEMENT_KEY
+from runner.tracking.artifacts import CHECKPOINT_ARTIFACT, local_copy
+from runner.tracking.client import (
+    BEST_EPOCH_TAG,
+    ERROR_TAG,
+    KIND_TAG,
+    NOT_METRICS,
+    PARENT_TAG,
+    PLACEMENT_TAG,
+    STATUS_TAG,
+    TRIAL_TAG,
+    Tracker,
+    first_line,
+)
+
+log = logging.getLogger(__name__)
+
+# MLflow error codes that say "try again later" (the REST client maps a 5xx, a refused connection and a
+# timeout to these); every other MLflow error is about the update itself.
+TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "DEADLINE_EXCEEDED", "REQUEST_LIMIT_EXCEEDED",
+                   "CANCELLED", "ABORTED", "ENDPOINT_NOT_FOUND"}
+
+
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """What writing one update to MLflow can raise besides a bug (those propagate)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.exceptions.RequestException, OSError, UserError)
+
+
+def is_transient(error: BaseException) -> bool:
+    """A failure that a later retry can cure (MLflow down or overloaded), not one of the update itself."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):
+        return error.error_code in TRANSIENT_CODES
+    if isinstance(error, UserError):  # Tracker(): the server did not answer at all
+        return True
+    return isinstance(error, (requests.exceptions.RequestException, ConnectionError, TimeoutError))
+
+
+class TrialRuns(tune.Callback):
+    """Tune callback: one MLflow child run per trial, metrics per epoch once, best adapter, final status.
+
+    Every Tune event becomes a small JSON-able update, applied in order. When MLflow cannot be reached,
+    updates queue up (in memory and in `journal`) and training goes on; the queue is replayed at the
+    next event once MLflow answers again, and `runner sync` replays a journal left after the sweep.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_run_id: str, metric: str, mode: str,
+                 base: dict[str, Any], storage: str, journal: Path, failed: Path):
+        self.tracking_uri, self.experiment, self.storage = tracking_uri, experiment, storage
+        self.journal, self.failed = journal, failed
+        self.base = base
+        self.sweep_run_id, self.metric, self.mode = sweep_run_id, metric, mode
+        self._tracker: Tracker | None = None
+        self._runs: dict[str, str] = {}  # trial id -> run id
+        self._logged: dict[str, set[int]] = {}  # run id -> epochs already in MLflow
+        self._best: dict[str, tuple[float, dict]] = {}  # trial id -> (metric value, result)
+        self._last_epoch: dict[str, int] = {}
+        self._pending: list[dict] = []
+        self._outage = False
+
+    # Tune pickles callbacks into its experiment state: drop the live client.
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tracker": None}
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, self.experiment)
+        return self._tracker
+
+    # Tune events -> updates
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.submit({"kind": "start", "trial": trial.trial_id, "config": dict(trial.config)})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result:
+            return  # a resumed trial whose Train run had already finished: nothing new to log
+        epoch = int(result["epoch"])
+        self._last_epoch[trial.trial_id] = max(epoch, self._last_epoch.get(trial.trial_id, 0))
+        value = result.get(self.metric)
+        if value is not None and not math.isnan(value):
+            best = self._best.get(trial.trial_id)
+            if best is None or (value > best[0] if self.mode == "max" else value < best[0]):
+                self._best[trial.trial_id] = (value, {"epoch": epoch, "checkpoint_path": result["checkpoint_path"]})
+        metrics = {key: float(v) for key, v in result.items()
+                   if key not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.submit({"kind": "result", "trial": trial.trial_id, "config": dict(trial.config), "epoch": epoch,
+                     "timestamp": int(result.get("timestamp", 0) * 1000), "metrics": metrics,
+                     "placement": result.get(PLACEMENT_KEY)})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        config = {**self.base, **trial.config}
+        best = self._best.get(trial.trial_id)
+        status = "TERMINATED" if self._last_epoch.get(trial.trial_id, 0) >= config["epochs"] else "STOPPED_EARLY"
+        self.submit({"kind": "complete", "trial": trial.trial_id, "config": dict(trial.config), "status": status,
+                     "best": None if best is None else {"value": best[0], **best[1]}})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.submit({"kind": "error", "trial": trial.trial_id, "config": dict(trial.config),
+                     "reason": trial_error(trial)})
+
+    def on_experiment_end(self, trials, **info):
+        self.flush()
+        if self._pending:
+            log.error("%d MLflow updates could not be written (MLflow unreachable); they are kept in %s — "
+                      "run `runner sync SPACE.yaml` once MLflow is back", len(self._pending), self.journal)
+        report_failed(self.failed)
+
+    # Applying updates
+    def submit(self, update: dict) -> None:
+        self._pending.append(update)
+        self.flush()
+
+    def flush(self) -> None:
+        """Apply queued updates in order. A transient failure keeps it and the rest (journal) for the next
+        event; a permanent one is recorded in the failed file and skipped."""
+        errors = tracking_errors()
+        while self._pending:
+            update = self._pending[0]
+            try:
+                self.apply(update)
+            except errors as error:
+                if is_transient(error):
+                    if not self._outage:
+                        log.warning("MLflow unreachable (%s); updates are kept in %s and retried at the next "
+                                    "event — training goes on", first_line(error), self.journal)
+                    self._outage, self._tracker = True, None
+                    break
+                log.error("MLflow refused an update (%s of trial %s): %s — recorded in %s, skipped",
+                          update["kind"], update["trial"], first_line(error), self.failed)
+                record_failed(self.failed, update, error)
+            self._pending.pop(0)
+        if self._outage and not self._pending:
+            log.warning("MLflow reachable again: every queued update is written")
+            self._outage = False
+        self.write_journal()
+
+    def replay_journal(self) -> int:
+        """Write what an earlier outage left in the journal; return how many updates are still pending."""
+        if self.journal.exists():
+            self._pending = [json.loads(line) for line in self.journal.read_text().splitlines() if line]
+            self._outage = True
+            self.flush()
+        return len(self._pending)
+
+    def write_journal(self) -> None:
+        if self._pending:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.journal.with_suffix(".tmp")
+            temporary.write_text("".join(json.dumps(update) + "\n" for update in self._pending))
+            temporary.replace(self.journal)  # a crash mid-write keeps the previous journal whole
+        elif self.journal.exists():
+            self.journal.unlink()
+
+    def run_for(self, trial_id: str, config: dict[str, Any]) -> str:
+        """The trial's child run: found by tag (a resumed sweep) or created once."""
+        from mlflow.entities import Param
+
+        if trial_id not in self._runs:
+            client = self.tracker.client
+            run_id = self.tracker.find_run(**{PARENT_TAG: self.sweep_run_id, TRIAL_TAG: trial_id})
+            if run_id is None:
+                run_id = client.create_run(self.tracker.experiment_id, run_name=f"trial-{trial_id}", tags={
+                    "mlflow.parentRunId": self.sweep_run_id, PARENT_TAG: self.sweep_run_id,
+                    TRIAL_TAG: trial_id, KIND_TAG: "trial", STATUS_TAG: "RUNNING"}).info.run_id
+                # Every setting of the trial (base + sampled), so MLflow's compare view shows them all.
+                client.log_batch(run_id, params=[Param(key, str(value)[:6000])
+                                                 for key, value in {**self.base, **config}.items()])
+            self._logged[run_id] = {int(m.step) for m in client.get_metric_history(run_id, "train_loss")}
+            self._runs[trial_id] = run_id
+        return self._runs[trial_id]
+
+    def apply(self, update: dict) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self.run_for(update["trial"], update["config"])
+        client = self.tracker.client
+        if update["kind"] == "result":
+            if update["epoch"] in self._logged[run_id]:
+                return  # already logged before a resume or a worker restart
+            placement = update.get("placement")  # absent from journals written before it was recorded
+            client.log_batch(run_id, metrics=[Metric(key, value, update["timestamp"], update["epoch"])
+                                              for key, value in update["metrics"].items()],
+                             tags=[RunTag(PLACEMENT_TAG, placement)] if placement else [])
+            self._logged[run_id].add(update["epoch"])
+        elif client.get_run(run_id).info.status in ("FINISHED", "FAILED", "KILLED"):
+            return  # a resumed sweep re-reports a trial whose run was already closed: keep what it recorded
+        elif update["kind"] == "complete":
+            best = update["best"]
+            if best is not None:
+                client.log_metric(run_id, f"best_{self.metric}", best["value"], step=best["epoch"])
+                client.set_tag(run_id, BEST_EPOCH_TAG, str(best["epoch"]))
+                with local_copy(best["checkpoint_path"], self.storage) as checkpoint:
+                    if not (checkpoint / "checkpoint.json").is_file():  # never a run without its adapter
+                        raise FileNotFoundError(f"no checkpoint at {best['checkpoint_path']}")
+                    client.log_artifacts(run_id, str(checkpoint), CHECKPOINT_ARTIFACT)
+            client.set_tag(run_id, STATUS_TAG, update["status"])
+            client.set_terminated(run_id, "FINISHED")
+        elif update["kind"] == "error":
+            client.set_tag(run_id, STATUS_TAG, "FAILED")
+            client.set_tag(run_id, ERROR_TAG, update["reason"][:5000])
+            client.set_terminated(run_id, "FAILED")
+
+
+def trial_error(trial) -> str:
+    """The last line of the trial's error (the exception message), for the MLflow run and the table."""
+    path = trial.error_file
+    if path and Path(path).exists():
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        if lines:
+            return lines[-1].strip()
+    return "failed (no error file)"
+
+
+def record_failed(path: Path, update: dict, error: BaseException) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps({"reason": first_line(error), "update": update}) + "\n")
+
+
+def failed_updates(path: Path) -> list[dict]:
+    """Updates MLflow refused for good, each with its reason (empty when none)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def report_failed(path: Path) -> int:
+    failed = failed_updates(path)
+    if failed:
+        log.error("%d MLflow updates were refused for good and skipped (first: %s of trial %s: %s); each is "
+                  "in %s with its reason", len(failed), failed[0]["update"]["kind"], failed[0]["update"]["trial"],
+                  failed[0]["reason"], path)
+    return len(failed)

@@ -1,0 +1,1 @@
+"""Training one trial: the recipe (loop.py) and its checkpoints (checkpoint.py)."""

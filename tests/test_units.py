@@ -1,0 +1,240 @@
+"""Fast unit tests (no Ray cluster, no server, no training) for what only end-to-end tests reached before:
+the MLflow callback's journal, the trial concurrency, every promotion rule, the code version, the
+checkpoint format and the tiny model artifact's verification."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from runner.config import Domain, ResourcesConfig, SweepConfig, TrialConfig
+from runner.errors import UserError
+from runner.registry.promote import decide
+from runner.sweep.tuner import concurrency
+from runner.tracking.callback import TrialRuns, failed_updates
+from runner.tracking.client import PARENT_TAG, TRIAL_TAG, Tracker, code_version
+from tests.conftest import REPO, free_port
+
+# --- the MLflow callback's journal ------------------------------------------------------------------
+
+def updates(trial: str, epochs: int) -> list[dict]:
+    config = {"lora_rank": 4}
+    out = [{"kind": "start", "trial": trial, "config": config}]
+    out += [{"kind": "result", "trial": trial, "config": config, "epoch": e, "timestamp": 1000 * e,
+             "metrics": {"train_loss": 1.0 / e, "val_exact_match": 0.1 * e}, "placement": "here"}
+            for e in range(1, epochs + 1)]
+    return out
+
+
+def callback(uri: str, tmp_path: Path, sweep_run_id: str) -> TrialRuns:
+    return TrialRuns(uri, "units", sweep_run_id, "val_exact_match", "max", TrialConfig().to_dict(), str(tmp_path),
+                     tmp_path / "pending.jsonl", tmp_path / "failed.jsonl")
+
+
+@pytest.fixture
+def sqlite_sweep(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "units")
+    return uri, tracker, tracker.start_sweep("s", {"name": "s"}, "runner tune", tags={})
+
+
+def test_an_outage_queues_updates_in_order_and_a_replay_writes_each_once(tmp_path, sqlite_sweep):
+    uri, tracker, sweep = sqlite_sweep
+    down = callback(f"http://127.0.0.1:{free_port()}", tmp_path, sweep)  # nothing listens there: a real refusal
+    for update in updates("t1", 2) + updates("t2", 1):
+        down.submit(update)
+    queued = [json.loads(line) for line in (tmp_path / "pending.jsonl").read_text().splitlines()]
+    assert queued == updates("t1", 2) + updates("t2", 1)  # all kept, in order, nothing refused
+    assert not (tmp_path / "failed.jsonl").exists()
+
+    backup = (tmp_path / "pending.jsonl").read_text()
+    assert callback(uri, tmp_path, sweep).replay_journal() == 0
+    assert not (tmp_path / "pending.jsonl").exists()
+    (tmp_path / "pending.jsonl").write_text(backup)  # the same journal replayed again: nothing doubles
+    assert callback(uri, tmp_path, sweep).replay_journal() == 0
+
+    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`{PARENT_TAG}` = '{sweep}'")
+    assert sorted(run.data.tags[TRIAL_TAG] for run in runs) == ["t1", "t2"]
+    t1 = next(run for run in runs if run.data.tags[TRIAL_TAG] == "t1")
+    history = tracker.client.get_metric_history(t1.info.run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5)]
+
+
+def test_a_permanent_failure_is_recorded_and_skipped_not_blocking_the_rest(tmp_path, sqlite_sweep):
+    uri, tracker, sweep = sqlite_sweep
+    runs = callback(uri, tmp_path, sweep)
+    bad = dict(updates("t1", 1)[1], metrics={"no spaces or ! allowed?": 1.0})  # MLflow rejects the name
+    missing = {"kind": "complete", "trial": "t1", "config": {"lora_rank": 4}, "status": "TERMINATED",
+               "best": {"value": 0.5, "epoch": 1, "checkpoint_path": str(tmp_path / "no-such-checkpoint")}}
+    for update in [updates("t1", 1)[0], bad, missing, *updates("t2", 1)]:
+        runs.submit(update)
+    assert not (tmp_path / "pending.jsonl").exists()  # nothing waits: the refused ones were skipped
+    refused = failed_updates(tmp_path / "failed.jsonl")
+    assert [entry["update"]["kind"] for entry in refused] == ["result", "complete"]
+    assert all(entry["reason"] for entry in refused)
+    t2 = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TRIAL_TAG}` = 't2'")
+    assert [m.step for m in tracker.client.get_metric_history(t2[0].info.run_id, "train_loss")] == [1]
+
+
+# --- concurrency ---------------------------------------------------------------------------------------
+
+def sweep(gpu=0.0, cpu=1.0, max_concurrent=None) -> SweepConfig:
+    return SweepConfig(name="s", trial=TrialConfig(), space={"lora_rank": Domain("choice", (4, 8))},
+                       resources=ResourcesConfig(gpu=gpu, cpu=cpu), max_concurrent_trials=max_concurrent)
+
+
+@pytest.mark.parametrize("resources, config, expected", [
+    ({"CPU": 2}, sweep(cpu=1.9), 1),  # the quick-start: one trial at a time on 2 cores
+    ({"CPU": 16}, sweep(cpu=1), 14),  # each trial: 1 CPU for its worker + 0.1 for its driver
+    ({"CPU": 16, "GPU": 1}, sweep(gpu=0.25, cpu=2), 4),  # four packed on one card
+    ({"CPU": 64, "GPU": 4}, sweep(gpu=1, cpu=4), 4),
+    ({"CPU": 64, "GPU": 4}, sweep(gpu=0.5, cpu=4, max_concurrent=3), 3),
+])
+def test_concurrency_from_cluster_resources(resources, config, expected):
+    assert concurrency(config, resources) == expected
+
+
+@pytest.mark.parametrize("resources, config, message", [
+    ({"CPU": 16}, sweep(gpu=0.5), "cluster has 0 GPUs"),
+    ({"CPU": 1}, sweep(cpu=1), "cluster has 1 CPUs"),
+])
+def test_concurrency_refuses_what_the_cluster_cannot_run(resources, config, message):
+    with pytest.raises(UserError, match=message):
+        concurrency(config, resources)
+
+
+# --- seeded sampling -----------------------------------------------------------------------------------
+
+def drawn(config: SweepConfig) -> list[dict]:
+    """The trial configs the sweep's own search algorithm draws (no cluster needed to ask it)."""
+    from runner.sweep.tuner import param_space, search_algorithm
+
+    searcher = search_algorithm(config, max_concurrent=100)  # no trial ends here: let all be drawn
+    searcher.add_configurations({"s": {"run": lambda _: None, "config": param_space(config),
+                                       "num_samples": config.num_samples}})
+    configs = []
+    while (trial := searcher.next_trial()) is not None:
+        configs.append(trial.config)
+    return configs
+
+
+def test_the_same_space_and_seed_draw_the_same_trials():
+    from runner.config import load_sweep
+
+    space = REPO / "search_spaces" / "quickstart.yaml"
+    first, again = drawn(load_sweep(space)), drawn(load_sweep(space))
+    assert len(first) == 4 and first == again
+    assert drawn(load_sweep(space, ["trial.seed=1"])) != first  # the seed is what fixes them
+
+
+# --- promotion rules -----------------------------------------------------------------------------------
+
+OURS = {"test_exact_match": "0.80", "test_fingerprint": "abc", "task": "easy_vqa"}
+
+
+@pytest.mark.parametrize("champion, theirs, mode, move, message", [
+    (None, None, "max", True, "champion -> v2"),  # no champion yet
+    ("1", {**OURS, "test_exact_match": "0.70"}, "max", True, "champion -> v2"),  # better
+    ("1", {**OURS, "test_exact_match": "0.90"}, "max", False, "does not beat champion v1"),  # worse
+    ("1", dict(OURS), "max", False, "does not beat"),  # a tie keeps the champion
+    ("1", {**OURS, "test_exact_match": "0.10", "test_fingerprint": "xyz"}, "max", False, "different test set"),
+    ("2", dict(OURS), "max", False, "already the champion"),
+    ("1", {**OURS, "test_exact_match": "0.90"}, "min", True, "champion -> v2"),  # lower is better
+    ("1", {"test_fingerprint": "abc"}, "max", False, "does not beat"),  # an unscored champion stays
+])
+def test_every_promotion_rule(champion, theirs, mode, move, message):
+    decision = decide("2", OURS, champion, theirs, "test_exact_match", mode)
+    assert decision.move is move and message in decision.message, decision
+
+
+def test_an_unscored_version_never_becomes_champion():
+    decision = decide("2", {"test_fingerprint": "abc"}, None, None, "test_exact_match", "max")
+    assert not decision.move and "no test_exact_match" in decision.message
+
+
+# --- code version --------------------------------------------------------------------------------------
+
+def test_code_version_is_the_projects_own_commit_at_the_root_of_its_checkout():
+    expected = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                              check=True).stdout.strip()
+    assert code_version(REPO / "runner").removesuffix("-dirty") == expected
+
+
+def test_code_version_inside_another_repository_is_the_package_version(tmp_path):
+    from importlib.metadata import version
+
+    outer = tmp_path / "outer"
+    (outer / "vendor" / "project").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "outer"], check=True)
+    package = shutil.copytree(REPO / "runner", outer / "vendor" / "project" / "runner",
+                              ignore=shutil.ignore_patterns("artifact", "__pycache__"))
+    assert code_version(Path(package)) == version("blip2-lora-runner")
+
+
+# --- checkpoint format ---------------------------------------------------------------------------------
+
+def test_resume_compares_only_what_changes_training(tmp_path):
+    from runner.train import checkpoint
+
+    saved = checkpoint.Checkpoint(tmp_path, TrialConfig(lora_rank=8), 1, [], {})
+    checkpoint.check_resumable(saved, TrialConfig(lora_rank=8, eval_batch_size=7, device="cpu"))  # fine
+    with pytest.raises(UserError, match=r"different config \(learning_rate\)"):
+        checkpoint.check_resumable(saved, TrialConfig(lora_rank=8, learning_rate=0.5))
+
+
+def test_an_incomplete_or_foreign_checkpoint_is_a_clear_error(tmp_path):
+    from runner.train import checkpoint
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "trial_config.json").write_text("{}")
+    with pytest.raises(UserError, match="missing metrics.json, trainer_state.pt, checkpoint.json"):
+        checkpoint.load(tmp_path)
+    for name in ("metrics.json", "trainer_state.pt"):
+        (tmp_path / name).write_text("[]")
+    for name in checkpoint.ADAPTER_FILES:
+        (tmp_path / "adapter" / name).write_text("{}")
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"format_version": 99, "epoch": 1, "data": {}}))
+    with pytest.raises(UserError, match="checkpoint format 99"):
+        checkpoint.load(tmp_path)
+
+
+def test_an_old_checkpoint_with_an_unknown_field_still_loads(tmp_path):
+    from runner.train import checkpoint
+
+    for name in checkpoint.ADAPTER_FILES:
+        (tmp_path / "adapter").mkdir(exist_ok=True)
+        (tmp_path / "adapter" / name).write_text("{}")
+    (tmp_path / "metrics.json").write_text("[]")
+    (tmp_path / "trainer_state.pt").write_text("")
+    (tmp_path / "trial_config.json").write_text(json.dumps({**TrialConfig().to_dict(), "retired_field": 3}))
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"format_version": checkpoint.FORMAT_VERSION,
+                                                          "epoch": 2, "data": {"train_fingerprint": "f"}}))
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.epoch == 2 and loaded.config == TrialConfig()
+
+
+# --- the shipped tiny model ----------------------------------------------------------------------------
+
+def test_the_shipped_tiny_model_matches_the_current_recipe():
+    from runner.tiny import ARTIFACT, model_dir, stale_reasons
+
+    assert model_dir() == ARTIFACT
+    manifest = json.loads((ARTIFACT / "TINY_MODEL.json").read_text())
+    assert stale_reasons(manifest) == []
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= manifest["files"].keys()
+
+
+def test_a_stale_or_damaged_tiny_artifact_is_detected():
+    from runner.tiny import ARTIFACT, stale_reasons
+
+    manifest = json.loads((ARTIFACT / "TINY_MODEL.json").read_text())
+    assert "built as version 1" in stale_reasons({**manifest, "tiny_version": "1"})[0]
+    changed = {**manifest, "recipe": {**manifest["recipe"], "stage1_steps": 1}}
+    assert stale_reasons(changed) == ["built with other recipe settings"]
+    damaged = {**manifest, "files": {**manifest["files"], "model.safetensors": "0" * 64}}
+    assert stale_reasons(damaged) == ["model.safetensors differs from the build"]
+
