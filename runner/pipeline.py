@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.config import SweepConfig
-from runner.errors import UserError
+from runner.errors import ServiceError, UserError
 from runner.sweep import state
 
 Say = Callable[[str], None]
@@ -38,6 +38,11 @@ def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
     from runner.tracking.client import Tracker
 
     saved = state.read(config)
+    left = wait_for_tracking(config, saved, say)  # promotion reads what the sweep recorded
+    if left:
+        raise ServiceError(f"tracking_uri: MLflow at {saved['tracking_uri']} is unreachable and {left} updates of "
+                           f"this sweep are kept in {state.journal_file(config)}; once it answers, run `runner sync` "
+                           "and then `runner promote` with the same space file")
     tracker = Tracker(saved["tracking_uri"], saved["experiment"])
     resources = {"cpu": config.resources.cpu, "gpu": config.resources.gpu}
     if config.resources.gpu > 0:
@@ -56,20 +61,43 @@ def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
     write_report(tracker, saved["sweep_run_id"], Path("runs") / "reports" / config.name, say)
 
 
+TRACKING_WAIT_S = 120  # how long the post-sweep phase waits for an MLflow that went away mid-sweep
+
+
+def wait_for_tracking(config: SweepConfig, saved: dict, say: Say) -> int:
+    """Write what an outage left queued, waiting (bounded) for MLflow to answer; the updates still queued."""
+    import time
+
+    callback = trial_runs(config, saved)
+    deadline = time.monotonic() + TRACKING_WAIT_S
+    left = callback.replay_journal()
+    if left:
+        say(f"waiting up to {TRACKING_WAIT_S} s for MLflow at {saved['tracking_uri']} ({left} updates queued)")
+    while left and time.monotonic() < deadline:
+        time.sleep(5)
+        left = callback.replay_journal()
+    return left
+
+
 def sync(config: SweepConfig, say: Say) -> None:
     """Write what a tracking outage left queued; say what MLflow refused for good."""
-    from runner.tracking.callback import TrialRuns, report_failed
+    from runner.tracking.callback import report_failed
 
     saved = state.read(config)
-    callback = TrialRuns(saved["tracking_uri"], saved["experiment"], saved["sweep_run_id"], config.metric,
-                         config.mode, config.trial.to_dict(), config.storage, state.journal_file(config),
-                         state.failed_file(config))
-    left = callback.replay_journal()
+    left = trial_runs(config, saved).replay_journal()
     refused = report_failed(state.failed_file(config))
     if left:
         raise UserError(f"tracking_uri: MLflow at {saved['tracking_uri']} still unreachable; {left} updates kept")
     say("MLflow is up to date" + (f" except {refused} updates it refused (see {state.failed_file(config)})"
                                   if refused else ""))
+
+
+def trial_runs(config: SweepConfig, saved: dict):
+    """The sweep's MLflow callback, rebuilt from its saved state (to replay what an outage left queued)."""
+    from runner.tracking.callback import TrialRuns
+
+    return TrialRuns(saved["tracking_uri"], saved["experiment"], saved["sweep_run_id"], config.metric, config.mode,
+                     config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config))
 
 
 def report(sweep: str, tracking_uri: str | None, out: Path | None, say: Say) -> None:

@@ -100,9 +100,9 @@ FAULT_SPACE = ("space={learning_rate: {grid: [%s]}, n_samples: {choice: [800]}}"
 def faults(tiny_model, tmp_path_factory):
     """One sweep, faults injected for real (tests/test_faults.py reads each outcome), one trial at a time:
     1. the first trial's Train worker is SIGKILLed in its epoch 2 (Ray Train restarts it from epoch 1);
-    2. once it has finished, the sweep driver is SIGKILLed with everything it started, and
-       `runner tune --resume` finishes the sweep; 3. the second trial's loss diverges (learning rate 1e6);
-    4. then two `runner promote` run at once."""
+    2. the second trial's loss diverges (learning rate 1e6); 3. right after that trial has ended, the sweep
+       driver is SIGKILLed with everything it started, and `runner tune --resume` finishes the sweep (the
+       third trial); 4. then two `runner promote` run at once."""
     root = tmp_path_factory.mktemp("faults")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = [SPACE, "name=faults", f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "num_samples=1",
@@ -115,14 +115,16 @@ def faults(tiny_model, tmp_path_factory):
     killed_worker = None
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and driver.poll() is None and not finished_runs(uri, killed_lr):
+        diverged_lr = str(FAULT_LRS["diverged"])
+        while time.time() < deadline and driver.poll() is None and not failed_runs(uri, diverged_lr):
             time.sleep(0.5)
             if killed_worker is None and epochs_logged(uri, killed_lr):  # epoch 1 is in MLflow: it is in epoch 2
                 killed_worker = worker_of(log.text(), killed_lr)
                 os.kill(killed_worker, signal.SIGKILL)
                 timings["worker killed"] = time.time() - started
         assert killed_worker is not None and finished_runs(uri, killed_lr), log.text()[-3000:]
-        finished_before_kill = finished_runs(uri)
+        assert failed_runs(uri, diverged_lr), log.text()[-3000:]
+        finished_before_kill = {**finished_runs(uri), **failed_runs(uri)}
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
         driver.wait(30)
         timings["driver killed"] = time.time() - started
@@ -218,8 +220,12 @@ def epochs_logged(uri: str, learning_rate: str | None = None) -> int:
     return rows[0][0] if rows else 0
 
 
-def finished_runs(uri: str, learning_rate: str | None = None) -> dict[str, int]:
-    """Finished trial runs (of the trial with `learning_rate`, if given): run id -> end time."""
-    rows = count(uri, "select run_uuid, end_time from runs where status = 'FINISHED' and run_uuid in (select "
+def finished_runs(uri: str, learning_rate: str | None = None, status: str = "FINISHED") -> dict[str, int]:
+    """Trial runs of `status` (of the trial with `learning_rate`, if given): run id -> end time."""
+    rows = count(uri, f"select run_uuid, end_time from runs where status = '{status}' and run_uuid in (select "
                       "run_uuid from tags where key = 'runner.kind' and value = 'trial')" + with_lr(learning_rate))
     return dict(rows)
+
+
+def failed_runs(uri: str, learning_rate: str | None = None) -> dict[str, int]:
+    return finished_runs(uri, learning_rate, status="FAILED")

@@ -7,6 +7,7 @@ sets CUDA_VISIBLE_DEVICES); the tiny model then trains on CPU in fp32. Trials as
 so the two that run at once must land on different nodes; every trial's MLflow run says where it ran.
 """
 
+import re
 import time
 import uuid
 from pathlib import Path
@@ -52,8 +53,8 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
     up = True
     driver = cli_process(
         "tune", SPACE, "name=on-cluster", f"storage_path={shared}", f"tracking_uri=http://127.0.0.1:{port}",
-        "resources.gpu=1", "resources.cpu=1", "max_concurrent_trials=2", "num_samples=1", "trial.epochs=3",
-        "space={learning_rate: {grid: [0.003, 0.004]}, n_samples: {choice: [1000]}}", "scheduler.type=none",
+        "resources.gpu=1", "resources.cpu=1", "max_concurrent_trials=2", "num_samples=1", "trial.epochs=2",
+        "space={learning_rate: {grid: [0.003, 0.004]}, n_samples: {choice: [2000]}}", "scheduler.type=none",
         "test_max_examples=60", "trial.max_eval_examples=60", "--address", two_node_cluster.address,
         cwd=tmp_path, env={"RAY_AUTH_MODE": "disabled", **secrets})
     log = Collected(driver.stdout)
@@ -65,8 +66,7 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
         up = False
         while "MLflow unreachable" not in log.text() and driver.poll() is None:
             time.sleep(0.5)
-        time.sleep(3)  # a while without MLflow: the sweep keeps training
-        assert driver.poll() is None, "the sweep ended during the outage; make its trials longer"
+        assert driver.poll() is None, ("the sweep ended during the outage", log.text()[-3000:])
         server = mlflow_server(backend, artifacts, port)
         server.__enter__()
         up = True
@@ -74,13 +74,14 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
 
         text = log.text()
         assert "MLflow reachable again: every queued update is written" in text
+        assert re.search(r"epoch 2/2", text.split("MLflow unreachable", 1)[1])  # it trained on meanwhile
         assert not (shared / "on-cluster" / "mlflow_pending.jsonl").exists()
         client = MlflowClient(f"http://127.0.0.1:{port}")
         experiment = client.get_experiment_by_name("quickstart")
         trials = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
         assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
         for run in trials:  # nothing lost or doubled by the outage
-            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2, 3]
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2]
             assert "best_val_exact_match" in run.data.metrics
         placements = {run.data.tags["runner.placement"] for run in trials}
         nodes = {placement.split(" node ")[1].split()[0] for placement in placements}
@@ -94,6 +95,7 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
         adapter = Path(client.download_artifacts(champion.run_id, "checkpoint/adapter"))
         assert (adapter / "adapter_config.json").exists()
     finally:
+        (tmp_path / "driver.log").write_text(log.text())  # for a failed run
         if driver.poll() is None:
             driver.kill()
         if up:

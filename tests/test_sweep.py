@@ -119,7 +119,7 @@ print(json.dumps(metrics.score(answers, [task.normalize_answer(e.answer) for e i
 
 def test_champion_loads_in_a_fresh_process_and_reproduces_its_test_metric(store):
     champion = store["client"].get_model_version_by_alias(MODEL, "champion")
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_SCORE, store["uri"], MODEL, "500"],
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_SCORE, store["uri"], MODEL, "300"],
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])
@@ -133,8 +133,8 @@ def test_eval_scores_the_champion_from_the_registry_or_its_run(store, source, tm
     adapter = source.format(model=MODEL, trial_run_id=champion.tags["trial_run_id"])
     predictions = tmp_path / "predictions.csv"
     result = run_cli("eval", "--adapter", adapter, "--tracking-uri", store["uri"], "--split", "test",
-                     "--max-eval-examples", "500", "--predictions", str(predictions), cwd=tmp_path)
+                     "--max-eval-examples", "300", "--predictions", str(predictions), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout[result.stdout.index("{"):])
     assert scores["exact_match"] == pytest.approx(float(champion.tags["test_exact_match"]), abs=1e-9)
-    assert len(predictions.read_text().splitlines()) == 501  # header + one row per question
+    assert len(predictions.read_text().splitlines()) == 301  # header + one row per question

@@ -64,16 +64,6 @@ def corpus_bleu1(predictions: list[str], references: list[str]) -> float:
     return float(corpus_bleu([[r] for r in refs], hyps, weights=(1.0,)))
 
 
-def unigram_precision(prediction: str, reference: str) -> float:
-    """Clipped unigram precision with NO brevity penalty.
-
-    This is what the seed study reported as "BLEU-1". It is not BLEU: a short prediction
-    whose words all occur in the reference scores 1.0. Kept only so reports can show the gap.
-    """
-    hyp, ref = tokens(prediction), tokens(reference)
-    return _overlap(hyp, ref) / len(hyp) if hyp else 0.0
-
-
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD token F1 over normalised tokens; both empty -> 1.0, one empty -> 0.0."""
     pred, ref = normalize(prediction).split(), normalize(reference).split()

@@ -154,7 +154,7 @@ def check_inputs(config: SweepConfig) -> None:
 def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str) -> SweepOutcome:
     """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
     from runner.tracking.callback import TrialRuns
-    from runner.tracking.client import FAILED_TRIALS_TAG, Tracker, default_tracking_uri
+    from runner.tracking.client import Tracker, default_tracking_uri
 
     if resume and not state.exists(config):
         raise UserError(f"--resume: no sweep named {config.name!r} in {config.storage}")
@@ -185,9 +185,7 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
     callback = TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
                          config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config))
     results = build_tuner(config, [callback], max_concurrent, restore=resume).fit()
-    failed = sum(result.error is not None for result in results)
-    tracker.client.set_tag(sweep_run_id, FAILED_TRIALS_TAG, str(failed))
-    tracker.client.set_terminated(sweep_run_id, "FINISHED")
+    callback.end_sweep(failed_trials=sum(result.error is not None for result in results))
     return SweepOutcome(sweep_run_id=sweep_run_id, results=results)
 
 

@@ -32,29 +32,25 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from runner.model.blip2 import (
     encode_answers,
-    encode_prompts,
     image_token_id,
-    text_embeddings,
 )
 from runner.tiny import TINY_VERSION
 
 if TYPE_CHECKING:
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import Blip2ForConditionalGeneration
+
+    from runner.tiny.data import PretrainingData
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")  # the build always runs on CPU (deterministic, and GPU-less machines need it)
@@ -162,9 +158,12 @@ def quality_gate(report: dict[str, Any], margin: float = 0.3) -> list[str]:
 def _build(staging: Path, recipe: Recipe, seed: int, log_every: int) -> dict[str, Any]:
     import transformers
 
-    data = _load_pretraining_data(recipe)
-    processor = _build_processor(recipe)
-    model = _build_model(recipe, processor)
+    from runner.tiny.data import load_pretraining_data
+    from runner.tiny.pretrain import build_model, build_processor, stage1, stage2
+
+    data = load_pretraining_data(recipe)
+    processor = build_processor(recipe)
+    model = build_model(recipe, processor)
     report: dict[str, Any] = {
         "tiny_version": TINY_VERSION,
         "seed": seed,
@@ -175,7 +174,7 @@ def _build(staging: Path, recipe: Recipe, seed: int, log_every: int) -> dict[str
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    for name, stage in (("stage1", _stage1), ("stage2", _stage2)):
+    for name, stage in (("stage1", stage1), ("stage2", stage2)):
         t0 = time.perf_counter()
         report[name] = stage(model, processor, data, recipe, log_every)
         report[name]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -198,387 +197,7 @@ def _move_into(staging: Path, output_dir: Path) -> None:
         os.replace(path, output_dir / path.name)
 
 
-# --------------------------------------------------------------------------------------------- data
-
-
-@dataclass
-class _Data:
-    pixels: torch.Tensor  # [N, 3, S, S] normalised exactly as the saved image processor does
-    colour: torch.Tensor  # [N] index into COLORS, NO_LABEL if unknown
-    shape: torch.Tensor  # [N] index into SHAPES, NO_LABEL if unknown
-    patch_shape: torch.Tensor  # [N, P] shape label of patches the outline crosses, else NO_LABEL
-    patch_mask: torch.Tensor  # [N, P, g*g] foreground fraction on a g x g raster inside each patch
-    train: torch.Tensor  # image indices used for pre-training
-    held_out: torch.Tensor  # image indices held out
-
-
-def image_labels(
-    questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]
-) -> dict[int, tuple[int, int]]:
-    """Per-image (colour, shape) indices derived from easy-VQA questions/answers (NO_LABEL: unknown).
-
-    Open questions give the attribute directly; yes/no questions give it when the answer says the
-    named colour/shape is present ("is there not a circle?" -> "no"), and by elimination when all
-    others are said to be absent. On the train split this labels 3,567 colours and 3,631 shapes of
-    4,000 images, with no contradiction between the two sources.
-    """
-    known: dict[int, dict[str, str]] = {}
-    absent: dict[int, set[str]] = {}
-    for question, answer, image_id in zip(questions, answers, image_ids):
-        facts = known.setdefault(image_id, {})
-        if answer in COLORS:
-            facts["colour"] = answer
-            continue
-        if answer in SHAPES:
-            facts["shape"] = answer
-            continue
-        words = question.lower().rstrip("?").split()
-        negated = "not" in words or words[:2] == ["is", "no"]
-        present = (answer == "yes") != negated
-        for word in words:
-            if word in COLORS or word in SHAPES:
-                if present:
-                    facts["colour" if word in COLORS else "shape"] = word
-                else:
-                    absent.setdefault(image_id, set()).add(word)
-    labels = {}
-    for image_id, facts in known.items():
-        gone = absent.get(image_id, set())
-        for kind, values in (("colour", COLORS), ("shape", SHAPES)):
-            left = set(values) - gone
-            if kind not in facts and len(left) == 1:
-                facts[kind] = left.pop()
-        labels[image_id] = (
-            COLORS.index(facts["colour"]) if "colour" in facts else NO_LABEL,
-            SHAPES.index(facts["shape"]) if "shape" in facts else NO_LABEL,
-        )
-    return labels
-
-
-def _load_pretraining_data(recipe: Recipe) -> _Data:
-    """The 4,000 easy-VQA train images (normalised), their labels and the dense patch targets."""
-    import easy_vqa
-    from PIL import Image
-
-    questions, answers, image_ids = easy_vqa.get_train_questions()
-    labels = image_labels(questions, answers, image_ids)
-    paths = easy_vqa.get_train_image_paths()
-    ids = sorted(paths)
-    size = (recipe.image_size, recipe.image_size)
-    raw = []
-    for image_id in ids:
-        with Image.open(paths[image_id]) as image:
-            rgb = image.convert("RGB")
-        raw.append(np.asarray(rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BICUBIC)))
-    pixels01 = torch.from_numpy(np.stack(raw)).permute(0, 3, 1, 2).float() / 255.0
-    pixels = (pixels01 - torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
-
-    # Foreground: differs from the background colour (median of the four corners) by > 0.15.
-    corners = pixels01[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # [N, 3, 4]
-    background = corners.median(dim=-1).values[:, :, None, None]
-    foreground = ((pixels01 - background).abs().amax(dim=1) > 0.15).float()[:, None]  # [N, 1, S, S]
-    p, g = recipe.patch_size, recipe.mask_grid
-    grid = recipe.image_size // p
-    raster = F.avg_pool2d(foreground, p // g)[:, 0]  # [N, g*grid, g*grid]
-    patch_mask = raster.reshape(-1, grid, g, grid, g).permute(0, 1, 3, 2, 4).reshape(-1, grid * grid, g * g)
-    fraction = F.avg_pool2d(foreground, p).flatten(1)  # [N, P]
-    outline = (fraction > 0.02) & (fraction < 0.98)
-
-    colour = torch.tensor([labels.get(i, (NO_LABEL, NO_LABEL))[0] for i in ids])
-    shape = torch.tensor([labels.get(i, (NO_LABEL, NO_LABEL))[1] for i in ids])
-    patch_shape = torch.where(outline, shape[:, None], torch.full_like(outline, NO_LABEL, dtype=torch.long))
-    index = torch.arange(len(ids))
-    return _Data(
-        pixels=pixels,
-        colour=colour,
-        shape=shape,
-        patch_shape=patch_shape,
-        patch_mask=patch_mask,
-        train=index[: recipe.pretrain_images],
-        held_out=index[recipe.pretrain_images :],
-    )
-
-
-# ------------------------------------------------------------------------------- processor & model
-
-
-def _vocabulary() -> list[str]:
-    """Special tokens, then the easy-VQA train questions'/answers' words and EXTRA_WORDS, sorted."""
-    import easy_vqa
-
-    questions, answers, _ = easy_vqa.get_train_questions()
-    words: set[str] = set(EXTRA_WORDS) | set(COLORS) | set(SHAPES)
-    for text in list(questions) + list(answers):
-        words.update(re.findall(r"\w+|[^\w\s]+", text.lower()))
-    return [PAD, EOS, UNK] + sorted(words)
-
-
-def _build_processor(recipe: Recipe) -> Blip2Processor:
-    """A WordLevel tokenizer (no download) laid out as T5's, plus a BlipImageProcessor."""
-    from tokenizers import (
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-    )
-    from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
-
-    vocab = {word: index for index, word in enumerate(_vocabulary())}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()  # "shape?" -> "shape", "?"
-    core.post_processor = processors.TemplateProcessing(  # T5 appends </s>
-        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
-    )
-    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=512
-    )
-    image_processor = BlipImageProcessor(
-        size={"height": recipe.image_size, "width": recipe.image_size},
-        image_mean=list(IMAGE_MEAN),
-        image_std=list(IMAGE_STD),
-    )
-    # The processor adds the "<image>" token to the tokenizer itself (id = len(vocab)).
-    return Blip2Processor(image_processor, tokenizer, num_query_tokens=recipe.num_query_tokens)
-
-
-def _build_model(recipe: Recipe, processor: Blip2Processor) -> Blip2ForConditionalGeneration:
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        T5Config,
-    )
-
-    vision = Blip2VisionConfig(
-        hidden_size=recipe.vision_hidden,
-        intermediate_size=2 * recipe.vision_hidden,
-        num_hidden_layers=recipe.vision_layers,
-        num_attention_heads=recipe.heads,
-        image_size=recipe.image_size,
-        patch_size=recipe.patch_size,
-        initializer_range=0.02,  # the default 1e-10 makes the patch embedding all zeros
-    )
-    qformer = Blip2QFormerConfig(
-        hidden_size=recipe.vision_hidden,
-        intermediate_size=2 * recipe.vision_hidden,
-        num_hidden_layers=recipe.qformer_layers,
-        num_attention_heads=recipe.heads,
-        encoder_hidden_size=recipe.vision_hidden,
-        cross_attention_frequency=1,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    tokenizer = processor.tokenizer
-    text = T5Config(
-        vocab_size=len(tokenizer),  # includes the processor's <image> token
-        d_model=recipe.text_d_model,
-        d_kv=recipe.text_d_model // recipe.heads,
-        d_ff=recipe.text_ff,
-        num_layers=recipe.text_layers,
-        num_decoder_layers=recipe.text_layers,
-        num_heads=recipe.heads,
-        feed_forward_proj="gated-gelu",  # as Flan-T5
-        dropout_rate=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    config = Blip2Config(
-        vision_config=vision.to_dict(),
-        qformer_config=qformer.to_dict(),
-        text_config=text.to_dict(),
-        num_query_tokens=recipe.num_query_tokens,
-        image_token_index=image_token_id(processor),
-    )
-    model = Blip2ForConditionalGeneration(config)
-    with torch.no_grad():
-        model.query_tokens.normal_(0.0, 0.02)  # _init_weights zeroes them
-    return model
-
-
-# ----------------------------------------------------------------------------------- the two stages
-
-
-def _image_path(model: Blip2ForConditionalGeneration, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q-Former output [B, queries, hidden], ViT output [B, 1 + patches, hidden])."""
-    vision = model.vision_model(pixel_values=pixels, return_dict=True).last_hidden_state
-    queries = model.query_tokens.expand(pixels.shape[0], -1, -1)
-    output = model.qformer(query_embeds=queries, encoder_hidden_states=vision, return_dict=True)
-    return output.last_hidden_state, vision
-
-
-def _train(
-    name: str, params: list[nn.Parameter], lr: float, steps: int, loss_at: Callable[[int], torch.Tensor],
-    log_every: int,
-) -> dict[str, Any]:
-    """AdamW with a one-cycle schedule; `loss_at(step)` computes one batch's loss."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    losses: list[float] = []
-    for step in range(1, steps + 1):
-        loss = loss_at(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if log_every and step % log_every == 0:
-            log.info("tiny BLIP-2 %s step %d/%d loss %.3f", name, step, steps, np.mean(losses[-log_every:]))
-    return {"steps": steps, "final_loss": round(float(np.mean(losses[-50:])), 4)}
-
-
-def _stage1(
-    model: Blip2ForConditionalGeneration, processor: Blip2Processor, data: _Data, recipe: Recipe, log_every: int
-) -> dict[str, Any]:
-    """Train the image path so colour and shape are decodable from the projected query outputs."""
-    heads = nn.ModuleDict(
-        {
-            "colour": nn.Linear(recipe.text_d_model, len(COLORS)),
-            "shape": nn.Linear(recipe.text_d_model, len(SHAPES)),
-            "patch_shape": nn.Linear(recipe.vision_hidden, len(SHAPES)),
-            "patch_mask": nn.Linear(recipe.vision_hidden, recipe.mask_grid**2),
-        }
-    )
-    params = [model.query_tokens, *heads.parameters()]
-    for module in (model.vision_model, model.qformer, model.language_projection):
-        params += list(module.parameters())
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-
-    def loss_at(step: int) -> torch.Tensor:
-        batch = data.train[torch.randint(0, len(data.train), (recipe.stage1_batch,), generator=generator)]
-        query_output, vision = _image_path(model, data.pixels[batch])
-        pooled = model.language_projection(query_output).mean(dim=1)
-        patches = vision[:, 1:]  # without the class token
-        patch_logits = heads["patch_shape"](patches).flatten(0, 1)
-        return (
-            F.cross_entropy(heads["colour"](pooled), data.colour[batch], ignore_index=NO_LABEL)
-            + F.cross_entropy(heads["shape"](pooled), data.shape[batch], ignore_index=NO_LABEL)
-            + F.cross_entropy(patch_logits, data.patch_shape[batch].flatten(), ignore_index=NO_LABEL)
-            + F.binary_cross_entropy_with_logits(heads["patch_mask"](patches), data.patch_mask[batch])
-        )
-
-    model.train()
-    result = _train("stage 1", params, recipe.stage1_lr, recipe.stage1_steps, loss_at, log_every)
-    model.eval()
-    with torch.no_grad():
-        for split, index in (("train", data.train[:1000]), ("held_out", data.held_out)):
-            pooled = model.language_projection(_image_path(model, data.pixels[index])[0]).mean(dim=1)
-            for name, target in (("colour", data.colour[index]), ("shape", data.shape[index])):
-                known = target != NO_LABEL
-                predicted = heads[name](pooled).argmax(-1)
-                result[f"{split}_{name}_accuracy"] = _mean((predicted[known] == target[known]).tolist())
-    log.info(
-        "tiny BLIP-2 stage 1: held-out colour accuracy %.3f, shape accuracy %.3f",
-        result["held_out_colour_accuracy"],
-        result["held_out_shape_accuracy"],
-    )
-    return result
-
-
-def _stage2_examples(
-    colour: list[int], shape: list[int], generator: torch.Generator, itm_fraction: float
-) -> tuple[list[str], list[str]]:
-    """(prompt, target) per image: a caption in random word order, or a matching statement."""
-    prompts, targets = [], []
-    draws = torch.rand(len(colour), 4, generator=generator).tolist()
-    for c, s, (task, attribute, truth, order) in zip(colour, shape, draws):
-        if task >= itm_fraction:
-            words = [COLORS[c], SHAPES[s]]
-            prompts.append(CAPTION_PROMPT)
-            targets.append(" ".join(reversed(words) if order < 0.5 else words))
-            continue
-        values, own = (SHAPES, s) if attribute < 0.5 else (COLORS, c)
-        named = own if truth < 0.5 else (own + 1 + int((truth - 0.5) * 2 * (len(values) - 1))) % len(values)
-        phrase = values[named] if values is SHAPES else f"{values[named]} shape"
-        template = ITM_TEMPLATES[min(int(order * len(ITM_TEMPLATES)), len(ITM_TEMPLATES) - 1)]
-        prompts.append(template.format(x=phrase))
-        targets.append("yes" if named == own else "no")
-    return prompts, targets
-
-
-def _stage2(
-    model: Blip2ForConditionalGeneration, processor: Blip2Processor, data: _Data, recipe: Recipe, log_every: int
-) -> dict[str, Any]:
-    """Captioning + image-text matching through T5; the image path up to the Q-Former is frozen."""
-    image_token = image_token_id(processor)
-    both = (data.colour != NO_LABEL) & (data.shape != NO_LABEL)
-    train, held = data.train[both[data.train]], data.held_out[both[data.held_out]]
-    with torch.no_grad():
-        cached = torch.cat([_image_path(model, data.pixels[chunk])[0] for chunk in train.split(500)])
-        cached_held = _image_path(model, data.pixels[held])[0]
-    model.requires_grad_(False)
-    params = [*model.language_model.parameters(), *model.language_projection.parameters()]
-    for param in params:
-        param.requires_grad_(True)
-    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-
-    def loss_at(step: int) -> torch.Tensor:
-        pick = torch.randint(0, len(train), (recipe.stage2_batch,), generator=generator)
-        colours, shapes = data.colour[train[pick]].tolist(), data.shape[train[pick]].tolist()
-        prompts, targets = _stage2_examples(colours, shapes, generator, recipe.itm_fraction)
-        inputs = encode_prompts(processor, prompts, CPU)
-        embeds = text_embeddings(model, inputs["input_ids"], model.language_projection(cached[pick]), image_token)
-        labels = encode_answers(processor, targets, CPU)
-        return model.language_model(
-            inputs_embeds=embeds, attention_mask=inputs["attention_mask"], labels=labels
-        ).loss
-
-    model.language_model.train()
-    result = _train("stage 2", params, recipe.stage2_lr, recipe.stage2_steps, loss_at, log_every)
-    model.eval()
-    model.requires_grad_(True)
-    with torch.no_grad():
-        features = model.language_projection(cached_held)
-        colours, shapes = data.colour[held].tolist(), data.shape[held].tolist()
-        captions = [set(c.split()) for c in _generate(model, processor, [CAPTION_PROMPT] * len(held), features)]
-        result["held_out_caption_colour_accuracy"] = _mean(COLORS[c] in w for c, w in zip(colours, captions))
-        result["held_out_caption_shape_accuracy"] = _mean(SHAPES[s] in w for s, w in zip(shapes, captions))
-        # The control: each caption generated from another image's features must miss the colour.
-        shuffled = [set(c.split()) for c in _generate(model, processor, [CAPTION_PROMPT] * len(held),
-                                                      features.roll(1, dims=0))]
-        result["held_out_caption_colour_accuracy_shuffled"] = _mean(COLORS[c] in w for c, w in zip(colours, shuffled))
-        check = torch.Generator().manual_seed(0)
-        prompts, targets = _stage2_examples(colours, shapes, check, itm_fraction=1.0)
-        answers = _generate(model, processor, prompts, features)
-        result["held_out_matching_accuracy"] = _mean(a.strip() == t for a, t in zip(answers, targets))
-        result["image_token_std"] = round(features.std().item(), 3)
-        word_embeddings = model.language_model.get_input_embeddings().weight
-        result["word_embedding_std"] = round(word_embeddings.std().item(), 3)
-    log.info(
-        "tiny BLIP-2 stage 2: held-out captions name the colour %.3f / shape %.3f, matching %.3f",
-        result["held_out_caption_colour_accuracy"],
-        result["held_out_caption_shape_accuracy"],
-        result["held_out_matching_accuracy"],
-    )
-    return result
-
-
-def _mean(values: Iterable[bool]) -> float:
-    return round(float(np.mean(list(values))), 4)
-
-
-def _generate(
-    model: Blip2ForConditionalGeneration, processor: Blip2Processor, prompts: list[str], features: torch.Tensor
-) -> list[str]:
-    """Greedy generation from cached image features, decoded."""
-    image_token = image_token_id(processor)
-    inputs = encode_prompts(processor, prompts, CPU)
-    generated = model.language_model.generate(
-        inputs_embeds=text_embeddings(model, inputs["input_ids"], features, image_token),
-        attention_mask=inputs["attention_mask"],
-        max_new_tokens=4,
-        do_sample=False,
-        num_beams=1,
-    )
-    return processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
-
-
-def _check_round_trip(model: Blip2ForConditionalGeneration, saved: Path, data: _Data) -> None:
+def _check_round_trip(model: Blip2ForConditionalGeneration, saved: Path, data: PretrainingData) -> None:
     """The saved pair must load back, reproduce the pixels and logits, and run `generate`."""
     from PIL import Image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor

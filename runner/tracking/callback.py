@@ -28,6 +28,7 @@ from runner.tracking.artifacts import CHECKPOINT_ARTIFACT, local_copy
 from runner.tracking.client import (
     BEST_EPOCH_TAG,
     ERROR_TAG,
+    FAILED_TRIALS_TAG,
     KIND_TAG,
     NOT_METRICS,
     PARENT_TAG,
@@ -131,9 +132,6 @@ class TrialRuns(tune.Callback):
 
     def on_experiment_end(self, trials, **info):
         self.flush()
-        if self._pending:
-            log.error("%d MLflow updates could not be written (MLflow unreachable); they are kept in %s — "
-                      "run `runner sync SPACE.yaml` once MLflow is back", len(self._pending), self.journal)
         report_failed(self.failed)
 
     # Applying updates
@@ -200,11 +198,24 @@ class TrialRuns(tune.Callback):
             self._runs[trial_id] = run_id
         return self._runs[trial_id]
 
+    def end_sweep(self, failed_trials: int) -> int:
+        """The sweep run's last update (failed-trial count, FINISHED), queued like the trials' updates;
+        returns how many updates are still waiting for MLflow."""
+        self.submit({"kind": "sweep_end", "trial": "", "config": {}, "failed": failed_trials})
+        if self._pending:
+            log.error("%d MLflow updates could not be written (MLflow unreachable); they are kept in %s — "
+                      "run `runner sync SPACE.yaml` once MLflow is back", len(self._pending), self.journal)
+        return len(self._pending)
+
     def apply(self, update: dict) -> None:
         from mlflow.entities import Metric, RunTag
 
-        run_id = self.run_for(update["trial"], update["config"])
         client = self.tracker.client
+        if update["kind"] == "sweep_end":
+            client.set_tag(self.sweep_run_id, FAILED_TRIALS_TAG, str(update["failed"]))
+            client.set_terminated(self.sweep_run_id, "FINISHED")
+            return
+        run_id = self.run_for(update["trial"], update["config"])
         if update["kind"] == "result":
             if update["epoch"] in self._logged[run_id]:
                 return  # already logged before a resume or a worker restart
