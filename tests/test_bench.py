@@ -6,8 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tasks.easy_vqa import package_data
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # it trains
 
 
 def test_speed_benchmark_runs_on_cpu_and_writes_its_table(tiny_model, tmp_path):

@@ -15,6 +15,8 @@ from PIL import Image
 
 from tests.conftest import MODEL, mlflow_server, run_cli
 
+pytestmark = pytest.mark.slow  # reads the store sweeps, starts a server and a browser
+
 
 def test_report_numbers_equal_mlflow_and_figures_are_real(store, tmp_path):
     out = tmp_path / "report"
