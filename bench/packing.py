@@ -43,7 +43,7 @@ def trial(model_dir: str, data: str, barrier, results) -> None:
     dtype = compute_dtype(precision, device)
     features = compute_image_features(base, processor, {e.image_key: images[e.image_key] for e in examples},
                                       device, dtype, cache=trial_feature_cache(config, dtype, base, processor))
-    model = add_lora(base, rank=8, alpha=16, dropout=0.05, quantized=gpu, gradient_checkpointing=False)
+    model = add_lora(base, rank=8, alpha=16, dropout=0.05, gradient_checkpointing=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=gpu)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     state = TrainState(config, device, task, base, processor, features, model, optimizer, scheduler)

@@ -159,7 +159,7 @@ def main(model_path: str, data: str, out: Path) -> None:
         rate = our_generation(base, processor, task, examples, images, device, dtype, int(256 * scale), batch)
         note(generation, f"ours: batch {batch}, image features once per image", rate, peak_gib())
     features = compute_image_features(base, processor, needed, device, dtype, batch_size=32)
-    model = add_lora(base, rank=8, alpha=16, dropout=0.05, quantized=gpu, gradient_checkpointing=False)
+    model = add_lora(base, rank=8, alpha=16, dropout=0.05, gradient_checkpointing=False)
     peak_gib()
     reference = reference_training(model, processor, task, examples, images, device, dtype, int(24 * scale) or 2)
     note(rows, f"reference: {precision}, batch 1, processor per sample, full forward, accumulate 8", reference,
@@ -175,7 +175,7 @@ def main(model_path: str, data: str, out: Path) -> None:
     if gpu:
         device, task, split, base, processor, dtype = setting(model_path, data, "bf16")
         features = compute_image_features(base, processor, needed, device, dtype, batch_size=64)
-        model = add_lora(base, rank=8, alpha=16, dropout=0.05, quantized=False, gradient_checkpointing=False)
+        model = add_lora(base, rank=8, alpha=16, dropout=0.05, gradient_checkpointing=False)
         peak_gib()
         for batch in BF16_BATCHES:
             config = config_for(model_path, data, "bf16", batch)

@@ -33,8 +33,10 @@ def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
     """Promotion, the stage runs and the report, holding the model's lock (concurrent calls run one after
     the other). Test scoring asks Ray for the trials' own resources, so on a cluster it runs on a GPU
     worker; on CPU it runs in this process (no Ray needed)."""
-    from runner.registry.promote import promote, promotion_lock
+    from runner.eval.held_out import TestScorer
+    from runner.registry.promote import best_trial_run, promote, promotion_lock
     from runner.registry.stages import compare_stages
+    from runner.tracking.artifacts import download_checkpoint
     from runner.tracking.client import Tracker
 
     saved = state.read(config)
@@ -49,15 +51,16 @@ def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
         from runner.sweep.tuner import connect
 
         connect(address)
-    with promotion_lock(config.state_dir.parent / f"promote-{config.registered_model}.lock"):
-        outcome = promote(tracker, sweep_run_id=saved["sweep_run_id"], metric=config.metric, mode=config.mode,
-                          model_name=config.registered_model, test_max_examples=config.test_max_examples,
-                          resources=resources)
+    best = best_trial_run(tracker, saved["sweep_run_id"], config.metric, config.mode)
+    fetch = lambda: download_checkpoint(tracker.tracking_uri, best.info.run_id)  # noqa: E731
+    with promotion_lock(config.state_dir.parent / f"promote-{config.registered_model}.lock"), \
+            TestScorer(fetch, config.test_max_examples, resources) as scorer:
+        outcome = promote(tracker, best=best, sweep_run_id=saved["sweep_run_id"], mode=config.mode,
+                          model_name=config.registered_model, metric=config.metric, scorer=scorer)
         say(f"promotion: {outcome.message}")
         say(f"registered model: models:/{config.registered_model}/{outcome.version} "
             f"(champion: models:/{config.registered_model}@champion)")
-        compare_stages(tracker, sweep_run_id=saved["sweep_run_id"], trial_run_id=outcome.run_id,
-                       test_max_examples=config.test_max_examples, resources=resources)
+        compare_stages(tracker, sweep_run_id=saved["sweep_run_id"], trial_run_id=best.info.run_id, scorer=scorer)
     write_report(tracker, saved["sweep_run_id"], Path("runs") / "reports" / config.name, say)
 
 

@@ -2,6 +2,7 @@
 gives the model's own logits, a second run computes nothing, and another model or precision misses."""
 
 import shutil
+import threading
 
 import pytest
 import torch
@@ -96,3 +97,65 @@ def test_another_precision_or_rewritten_weights_miss_the_cache(tiny_model, pictu
     assert not torch.allclose(second.values, before.values)
     again, _, calls = features_with_cache(changed, "fp32", torch.float32, root, images)
     assert calls == [] and torch.equal(again.values, second.values)
+
+
+def images_computed(model) -> list[int]:
+    """The batch size of every pass through the frozen vision tower of `model`."""
+    sizes: list[int] = []
+    model.vision_model.register_forward_hook(lambda module, args, output: sizes.append(len(output[0])))
+    return sizes
+
+
+def test_trials_starting_together_compute_each_image_once(tiny_model, tmp_path):
+    """Two trials (each its own model, as two processes would have) start at once on one node's cache with
+    overlapping images: the cache's lock makes one compute, the other wait and compute only the rest."""
+    split = get_task("easy_vqa").load_split("train")
+    keys = sorted(split.images)[:24]
+    wanted = [{key: split.images[key] for key in keys[:16]}, {key: split.images[key] for key in keys[8:]}]
+    start, results = threading.Barrier(2), [None, None]
+
+    def trial(index: int) -> None:
+        model, processor = load_blip2(str(tiny_model), "fp32", CPU)
+        cache = feature_cache(tmp_path, str(tiny_model), None, "fp32", torch.float32, model, processor)
+        sizes = images_computed(model)
+        start.wait()
+        results[index] = (compute_image_features(model, processor, wanted[index], CPU, torch.float32, 4, cache),
+                          sizes)
+
+    threads = [threading.Thread(target=trial, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(sum(sizes) for _, sizes in results) == len(keys)  # 24 images, not 16 + 16
+    shared = keys[8:16]
+    torch.testing.assert_close(results[0][0].lookup(shared), results[1][0].lookup(shared))
+
+
+def test_one_scorer_loads_the_model_once_and_scores_the_bare_model_exactly(tiny_model, tmp_path, monkeypatch):
+    """Promotion (adapter) and the zero/one-shot stages (bare model) share one loaded base model: the bare
+    scores through PEFT's `disable_adapter` equal a freshly loaded bare model's."""
+    from peft import LoraConfig, get_peft_model
+
+    import runner.eval.evaluate as evaluate
+    from runner.config import TrialConfig
+
+    model, _ = load_blip2(str(tiny_model), "fp32", CPU)
+    lora = get_peft_model(model.language_model, LoraConfig(r=4, target_modules=["q", "v"],
+                                                            init_lora_weights=False))  # random B: a real change
+    lora.save_pretrained(tmp_path / "adapter")
+    config = TrialConfig(task="easy_vqa", model=str(tiny_model), precision="fp32", device="cpu",
+                         max_eval_examples=16, eval_batch_size=16, max_new_tokens=4)
+    loads = []
+    real_load = evaluate.load_blip2
+    monkeypatch.setattr(evaluate, "load_blip2", lambda *args: loads.append(args) or real_load(*args))
+
+    scorer = evaluate.SplitScorer(config, "test")
+    tuned = scorer.score(tmp_path / "adapter")
+    zero_shot, one_shot = scorer.score(None), scorer.score(None, one_shot=True)
+    assert len(loads) == 1
+    fresh = evaluate.SplitScorer(config, "test")
+    assert [row["prediction"] for row in zero_shot.rows] == [row["prediction"] for row in fresh.score(None).rows]
+    assert one_shot.rows == fresh.score(None, one_shot=True).rows
+    assert [row["prediction"] for row in tuned.rows] != [row["prediction"] for row in zero_shot.rows]
+    assert tuned.fingerprint == zero_shot.fingerprint  # the same test questions

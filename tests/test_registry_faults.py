@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from runner.cli import main
 from runner.config import load_sweep
-from runner.registry.promote import promote
+from runner.eval.held_out import TestScorer
+from runner.registry.promote import best_trial_run, promote
 from runner.sweep import state
 from runner.tracking.client import Tracker
 from tests.conftest import MODEL, SPACE, mlflow_server
@@ -113,7 +114,10 @@ def test_a_failing_registry_never_moves_the_champion(registry, fault):
     assert registry["client"].get_model_version_by_alias(MODEL, "champion").version == "2"
 
     registry["proxy"].fault = None  # the registry answers again: the re-run decides on the real scores
-    outcome = promote(Tracker(registry["url"], "quickstart"), sweep_run_id=registry["sweep_run_id"],
-                      metric="val_exact_match", mode="max", model_name=MODEL, test_max_examples=None)
+    tracker = Tracker(registry["url"], "quickstart")
+    best = best_trial_run(tracker, registry["sweep_run_id"], "val_exact_match", "max")
+    unused = TestScorer(lambda: pytest.fail("v1 is registered and scored: nothing to score again"), None, None)
+    outcome = promote(tracker, best=best, sweep_run_id=registry["sweep_run_id"], metric="val_exact_match",
+                      mode="max", model_name=MODEL, scorer=unused)
     assert not outcome.moved and "v1 test_exact_match=0.4200 does not beat champion v2" in outcome.message
     assert registry["client"].get_model_version_by_alias(MODEL, "champion").version == "2"

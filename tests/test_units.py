@@ -238,3 +238,12 @@ def test_a_stale_or_damaged_tiny_artifact_is_detected():
     damaged = {**manifest, "files": {**manifest["files"], "model.safetensors": "0" * 64}}
     assert stale_reasons(damaged) == ["model.safetensors differs from the build"]
 
+
+
+@pytest.mark.parametrize("share, cap_gib, expected_gib", [
+    (1.0, None, 100), (0.25, None, 35), (0.25, 20, 20), (1.0, 200, 100), (0.5, None, 70)])
+def test_preflight_plans_with_the_trials_own_share_of_the_card(share, cap_gib, expected_gib):
+    """A 140 GiB card with 100 GiB free: a trial given a quarter of it plans with 35 GiB, not 100."""
+    from runner.model.preflight import CUDA_CONTEXT_GIB, GIB, available_gib
+
+    assert available_gib(100 * GIB, 140 * GIB, share, cap_gib) == pytest.approx(expected_gib - CUDA_CONTEXT_GIB)

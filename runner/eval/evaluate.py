@@ -7,7 +7,9 @@ question's image): accuracy that survives shuffling was learned from the questio
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import json
 import logging
 import random
@@ -121,30 +123,56 @@ def one_shot_exemplar(task: Task, seed: int) -> Example:
     return random.Random(seed).choice(task.load_split("train").examples)
 
 
+class SplitScorer:
+    """A split's questions, the base model and their image features, loaded once and scored as often as
+    asked: with the trial's adapter, or the bare base model (zero- or one-shot). Promotion and the stage
+    comparison share one, so the post-sweep phase loads the model once, not once per score."""
+
+    def __init__(self, config: TrialConfig, split: str):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
+                             val_fraction=config.val_fraction, seed=config.seed)
+        data = self.task.load_split(split)
+        n = min(config.max_eval_examples or len(data.examples), len(data.examples))
+        self.examples = draw_samples(data.examples, n, config.seed, "max_eval_examples")
+        self.model, self.processor = load_blip2(config.model, config.precision, self.device, config.model_revision)
+        needed = {ex.image_key for ex in self.examples}
+        dtype = compute_dtype(config.precision, self.device)
+        self.features = compute_image_features(
+            self.model, self.processor, {k: v for k, v in data.images.items() if k in needed}, self.device, dtype,
+            config.eval_batch_size, trial_feature_cache(config, dtype, self.model, self.processor))
+        self.adapter: Path | None = None
+        self.lora_model = None  # peft.PeftModel, once an adapter is loaded
+
+    @functools.cached_property
+    def exemplar(self) -> Example:
+        return one_shot_exemplar(self.task, self.config.seed)
+
+    def score(self, adapter: Path | None, *, one_shot: bool = False) -> Evaluation:
+        """Score `adapter` (an epoch checkpoint or PEFT adapter directory), or the bare model when None."""
+        from peft import PeftModel
+
+        from runner.train.checkpoint import adapter_dir
+
+        if adapter is not None and self.lora_model is None:
+            # Injects LoRA into model.language_model in place; `disable_adapter` turns it off again.
+            self.lora_model = PeftModel.from_pretrained(self.model, adapter_dir(adapter))
+            self.adapter = adapter
+        elif adapter is not None and adapter != self.adapter:
+            raise ValueError(f"this scorer holds the adapter of {self.adapter}, not {adapter}")
+        bare = adapter is None and self.lora_model is not None
+        with self.lora_model.disable_adapter() if bare else contextlib.nullcontext():
+            exemplar = self.exemplar if one_shot else None
+            scores, rows = evaluate(self.model, self.processor, self.task, self.examples, self.features,
+                                    exemplar=exemplar, batch_size=self.config.eval_batch_size,
+                                    max_new_tokens=self.config.max_new_tokens)
+        return Evaluation(scores, rows, fingerprint(self.examples))
+
+
 def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_shot: bool = False) -> Evaluation:
     """Score an adapter (epoch checkpoint or PEFT adapter directory) or the bare model on a split."""
-    from peft import PeftModel
-
-    from runner.train.checkpoint import adapter_dir
-
-    device = resolve_device(config.device)
-    task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
-                    val_fraction=config.val_fraction, seed=config.seed)
-    data = task.load_split(split)
-    n = min(config.max_eval_examples or len(data.examples), len(data.examples))
-    examples = draw_samples(data.examples, n, config.seed, "max_eval_examples")
-    model, processor = load_blip2(config.model, config.precision, device, config.model_revision)
-    needed = {ex.image_key for ex in examples}
-    dtype = compute_dtype(config.precision, device)
-    features = compute_image_features(model, processor, {k: v for k, v in data.images.items() if k in needed},
-                                      device, dtype, config.eval_batch_size,
-                                      trial_feature_cache(config, dtype, model, processor))
-    if adapter is not None:
-        PeftModel.from_pretrained(model, adapter_dir(adapter))  # injects LoRA into model.language_model in place
-    exemplar = one_shot_exemplar(task, config.seed) if one_shot else None
-    scores, rows = evaluate(model, processor, task, examples, features, exemplar=exemplar,
-                            batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
-    return Evaluation(scores, rows, fingerprint(examples))
+    return SplitScorer(config, split).score(adapter, one_shot=one_shot)
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:

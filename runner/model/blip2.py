@@ -23,7 +23,7 @@ LORA_TARGETS = ["q", "v"]  # Flan-T5 attention only (the Q-Former uses query/val
 
 
 def cache_dir() -> Path:
-    """This node's cache (image features), kept between runs: RUNNER_CACHE or ~/.cache/blip2-lora-runner."""
+    """This node's cache (image features, quantised weights), kept between runs: RUNNER_CACHE or ~/.cache/blip2-lora-runner."""
     return Path(os.environ.get("RUNNER_CACHE", Path.home() / ".cache" / "blip2-lora-runner"))
 
 
@@ -93,8 +93,12 @@ def load_blip2(
             )
         )
         kwargs["device_map"] = {"": device.index or 0}
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(INT8_CAST_NOTICE)
     try:
-        model = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
+        if "quantization_config" in kwargs:
+            model = load_quantized(path, revision, precision, dtype, kwargs)
+        else:
+            model = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
         processor = Blip2Processor.from_pretrained(path, revision=revision)
     except OSError as error:
         raise UserError(f"model: cannot load {name!r}: {error}") from error
@@ -103,6 +107,29 @@ def load_blip2(
     model.eval()
     check_image_tokens(model, processor, name)
     return model, processor
+
+
+def load_quantized(path: str, revision: str | None, precision: Precision, dtype: torch.dtype, kwargs: dict):
+    """An int8/nf4 model: from this node's cache of quantised weights (runner/model/quantized.py) when it
+    has them, else loaded and quantised from `path`, then cached for the next trial."""
+    from runner.model.quantized import quantized_cache
+
+    cache = quantized_cache(cache_dir() / "quantized", path, revision, precision, dtype)
+    if cache is None:
+        return Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
+    with cache.lock():
+        entry = cache.lookup()
+        if entry is not None:
+            try:  # its config.json carries the quantisation config
+                return Blip2ForConditionalGeneration.from_pretrained(entry, dtype=dtype,
+                                                                     device_map=kwargs["device_map"])
+            except (OSError, ValueError, RuntimeError) as error:
+                log.warning("quantised-weight cache: %s does not load (%s); loading the model from its source",
+                            entry, str(error).splitlines()[0])
+                cache.remove()
+        model = Blip2ForConditionalGeneration.from_pretrained(path, **kwargs)
+        cache.store(model)
+        return model
 
 
 def check_image_tokens(model: Blip2ForConditionalGeneration, processor: Blip2Processor, name: str) -> None:
@@ -132,21 +159,23 @@ def add_lora(
     rank: int,
     alpha: float,
     dropout: float,
-    quantized: bool,
     gradient_checkpointing: bool,
 ):
-    """Freeze everything, then add trainable LoRA adapters to the Flan-T5 attention q and v."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Freeze everything, then add trainable LoRA adapters to the Flan-T5 attention q and v.
+
+    int8/nf4 models keep their dense weights in the compute dtype (bf16 on a card that has it): PEFT's
+    `prepare_model_for_kbit_training` is not used, because it upcasts every non-quantised weight to fp32,
+    which makes the whole loop run fp32 activations (a cast per int8 matmul, twice the bytes). The
+    weights Flan-T5 needs in fp32 (`wo`, transformers' `_keep_in_fp32_modules`) stay fp32 as loaded, and
+    the LoRA weights are fp32 (PEFT's default), so training is as stable as in bf16.
+    """
+    from peft import LoraConfig, get_peft_model
 
     for parameter in model.parameters():
         parameter.requires_grad = False
-    # Non-reentrant checkpointing: the inputs (cached image features + embeddings) need no grad.
-    checkpointing = {"use_reentrant": False}
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
-    elif gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if gradient_checkpointing:
+        # Non-reentrant: the inputs (cached image features + embeddings) need no grad.
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none"
     )
@@ -155,6 +184,18 @@ def add_lora(
     if outside:  # the image-feature cache is only valid if the image path stays frozen
         raise RuntimeError(f"LoRA reached beyond the language model: {outside[:3]}")
     return peft_model
+
+
+class DropInt8CastNotice(logging.Filter):
+    """bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16" on every int8
+    matmul (97,455 lines in one GPU sweep): LLM.int8 quantises its inputs from fp16 by design, so for bf16
+    or fp32 activations the notice says nothing new. Only that message is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast from")
+
+
+INT8_CAST_NOTICE = DropInt8CastNotice()  # one instance: adding it again is a no-op
 
 
 @torch.no_grad()

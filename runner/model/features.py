@@ -8,11 +8,14 @@ A cached entry is keyed by everything that changes the numbers: the model (hub i
 or a local directory + its weight files' size and mtime), precision, compute dtype, the image
 processor's settings, the transformers/bitsandbytes versions — and the image's content hash (the
 `image_key` every task already gives its images). Files are written to a temporary name and renamed,
-so trials sharing a node never read a half-written entry.
+so trials sharing a node never read a half-written entry, and computing is done under the cache's lock:
+trials that start together on a node compute each image once (the others wait, then read the entries).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -67,6 +70,21 @@ class FeatureCache:
             log.warning("image-feature cache: %s is unreadable (%s); computing it again", path, error)
             return None
 
+    @contextlib.contextmanager
+    def computing(self):
+        """Held while computing entries: one trial of a node computes, the others wait (an flock)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / ".lock").open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("image features: waiting for another trial computing them into %s", self.directory)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def save(self, image_key: str, features: torch.Tensor) -> None:  # features: on the CPU
         path = self.path(image_key)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,22 +138,30 @@ def compute_image_features(model, processor, images: dict[str, Image.Image], dev
     """Each image's features: from `cache` when it has them, else one pass through the frozen path
     (saved to `cache`)."""
     keys = sorted(images)
-    found = {}
-    if cache is not None:
-        for key in keys:
-            cached = cache.load(key)
-            if cached is not None:
-                found[key] = cached.to(device)
+    found: dict[str, torch.Tensor] = {}
+    load_cached(cache, keys, found, device)
     missing = [key for key in keys if key not in found]
-    if cache is not None:
-        log.info("image features: %d from the cache %s, %d to compute", len(found), cache.directory, len(missing))
-    for start in tqdm(range(0, len(missing), batch_size), desc="image features", leave=False, disable=None):
-        batch = missing[start : start + batch_size]
-        pixels = processor.image_processor([images[key] for key in batch], return_tensors="pt")["pixel_values"]
-        values = image_features(model, pixels.to(device, dtype))
-        found.update(zip(batch, values))
-        if cache is not None:  # one device-to-host copy per batch, not per image
-            for key, row in zip(batch, values.cpu()):
-                cache.save(key, row)
+    with cache.computing() if cache is not None and missing else contextlib.nullcontext():
+        load_cached(cache, missing, found, device)  # what a trial that held the lock computed meanwhile
+        missing = [key for key in keys if key not in found]
+        if cache is not None:
+            log.info("image features: %d from the cache %s, %d to compute", len(found), cache.directory,
+                     len(missing))
+        for start in tqdm(range(0, len(missing), batch_size), desc="image features", leave=False, disable=None):
+            batch = missing[start : start + batch_size]
+            pixels = processor.image_processor([images[key] for key in batch], return_tensors="pt")["pixel_values"]
+            values = image_features(model, pixels.to(device, dtype))
+            found.update(zip(batch, values))
+            if cache is not None:  # one device-to-host copy per batch, not per image
+                for key, row in zip(batch, values.cpu()):
+                    cache.save(key, row)
     values = torch.stack([found[key] for key in keys]) if keys else torch.empty(0)
     return ImageFeatures(index={key: i for i, key in enumerate(keys)}, values=values)
+
+
+def load_cached(cache: FeatureCache | None, keys: list[str], found: dict[str, torch.Tensor],
+                device: torch.device) -> None:
+    for key in keys if cache is not None else ():
+        cached = cache.load(key)
+        if cached is not None:
+            found[key] = cached.to(device)

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 # Training memory of one question in the language model beyond the resident weights, in bytes per
 # (d_model x layers): 0.43 GiB per question for Flan-T5-XL (2048 x 48) int8, with bf16 and with fp32
-# dense weights alike (prepare_model_for_kbit_training computes in fp32): docs/PERFORMANCE.md.
+# dense weights alike (then computed in fp32: PEFT's prepare_model_for_kbit_training upcast them; the loop now
+# keeps bf16 activations, so this over- rather than under-estimates): docs/PERFORMANCE.md.
 ACTIVATION_BYTES_PER_UNIT = 4_700
 CHECKPOINTING_SAVES = 0.3  # measured: 0.12 vs 0.43 GiB per question with gradient checkpointing
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and allocator slack, never available to tensors
@@ -62,7 +63,8 @@ def weight_bytes(model_name: str, precision: str, compute_dtype: torch.dtype, re
     return int(total)
 
 
-def estimate(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, device: torch.device) -> Estimate:
+def estimate(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, device: torch.device,
+             gpu_share: float = 1.0) -> Estimate:
     from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(model_path, revision=config.model_revision).text_config
@@ -72,23 +74,35 @@ def estimate(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, d
         per_question *= CHECKPOINTING_SAVES
     weights = weight_bytes(model_path, config.precision, compute_dtype, config.model_revision)
     activations = per_question * max(config.batch_size, config.eval_batch_size // 4)
-    free, _ = torch.cuda.mem_get_info(device)
-    cap = config.gpu_memory_gib * GIB if config.gpu_memory_gib else free
-    available = min(free, cap) / GIB - CUDA_CONTEXT_GIB
+    free, total = torch.cuda.mem_get_info(device)
+    available = available_gib(free, total, gpu_share, config.gpu_memory_gib)
     return Estimate(weights / GIB, activations / GIB, (weights + activations) / GIB, available)
 
 
-def preflight(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, with what to change, a trial that will not fit on `device`; log the estimate otherwise."""
+def available_gib(free: int, total: int, gpu_share: float, gpu_memory_gib: float | None) -> float:
+    """What one trial may plan to use: the card's free memory, at most its own share of the card when
+    trials share it (`resources.gpu` < 1: the neighbours need theirs too), or `trial.gpu_memory_gib`
+    when set (the cap the trial enforces on itself)."""
+    cap = gpu_memory_gib * GIB if gpu_memory_gib else gpu_share * total
+    return min(free, cap) / GIB - CUDA_CONTEXT_GIB
+
+
+def preflight(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, device: torch.device,
+              gpu_share: float = 1.0) -> None:
+    """Refuse, with what to change, a trial that will not fit in its share of `device` (`gpu_share`:
+    the fraction of the card Ray gave it); log the estimate otherwise."""
     if device.type != "cuda":
         return
-    result = estimate(config, model_path, compute_dtype, device)
+    result = estimate(config, model_path, compute_dtype, device, gpu_share)
     name = torch.cuda.get_device_name(device)
+    if gpu_share < 1 and not config.gpu_memory_gib:
+        name = f"this trial's {gpu_share:g} share of {name}"
     summary = (f"estimated peak {result.total_gib:.1f} GiB (weights {result.weights_gib:.1f}, training "
                f"activations at batch {config.batch_size} {result.activations_gib:.1f}) of "
                f"{result.available_gib:.1f} GiB available on {name}")
     if not result.fits:
         raise UserError(
             f"batch_size: trial will not fit: {summary}. Try a smaller batch_size with more grad_accum, "
-            f"gradient_checkpointing: true, or precision nf4")
+            f"gradient_checkpointing: true, precision nf4" + (", or a larger resources.gpu share (fewer trials "
+            "per card)" if gpu_share < 1 else ""))
     log.info("preflight: %s", summary)

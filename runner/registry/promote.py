@@ -22,8 +22,8 @@ from pathlib import Path
 
 from runner.errors import ServiceError, UserError
 from runner.eval.evaluate import write_predictions
-from runner.eval.held_out import evaluate_on_test
-from runner.tracking.artifacts import CHECKPOINT_ARTIFACT, download_checkpoint
+from runner.eval.held_out import TestScorer
+from runner.tracking.artifacts import CHECKPOINT_ARTIFACT
 from runner.tracking.client import (
     PARENT_TAG,
     STATUS_TAG,
@@ -100,28 +100,23 @@ def promotion_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def promote(tracker: Tracker, *, sweep_run_id: str, metric: str, mode: str, model_name: str,
-            test_max_examples: int | None, resources: dict[str, float] | None = None) -> Promotion:
-    """Register the sweep's best trial (once) and move `champion` to it if it is better on test.
-    Call it holding `promotion_lock`, or two promotions may both register and both move the alias.
-
-    With `resources` (and Ray connected) the test evaluation runs as a Ray task that asks for them,
-    so on a cluster it lands on a GPU worker; files travel through Ray, MLflow stays on the head.
-    """
+def promote(tracker: Tracker, *, best, sweep_run_id: str, metric: str, mode: str, model_name: str,
+            scorer: TestScorer) -> Promotion:
+    """Register the sweep's best trial run `best` (once) and move `champion` to it if it is better on
+    test (`scorer` scores its checkpoint). Call it holding `promotion_lock`, or two promotions may both
+    register and both move the alias."""
     from mlflow.exceptions import MlflowException
 
-    best = best_trial_run(tracker, sweep_run_id, metric, mode)
     test_metric = "test_" + metric.removeprefix("val_")
     client = tracker.client
     existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{best.info.run_id}'")
     if existing:
         version = existing[0]
     else:
-        folder = download_checkpoint(tracker.tracking_uri, best.info.run_id)
-        result = evaluate_on_test(folder, test_max_examples, resources, with_adapter=True)
+        result = scorer.score(with_adapter=True)
         log_test_scores(tracker, best.info.run_id, result)
-        version = register(tracker, best, checkpoint.load(folder), model_name, result.scores, result.fingerprint,
-                           sweep_run_id)
+        version = register(tracker, best, checkpoint.load(scorer.folder), model_name, result.scores,
+                           result.fingerprint, sweep_run_id)
     try:  # the registered model exists (just registered): its aliases say whether there is a champion
         aliases = client.get_registered_model(model_name).aliases
         champion = client.get_model_version(model_name, aliases[ALIAS]) if ALIAS in aliases else None

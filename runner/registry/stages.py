@@ -14,8 +14,7 @@ import tempfile
 from pathlib import Path
 
 from runner.eval.evaluate import write_predictions
-from runner.eval.held_out import evaluate_on_test
-from runner.tracking.artifacts import download_checkpoint
+from runner.eval.held_out import TestScorer
 from runner.tracking.client import (
     KIND_TAG,
     PARENT_TAG,
@@ -29,21 +28,18 @@ log = logging.getLogger(__name__)
 BASE_STAGES = {"zero-shot": False, "one-shot": True}  # stage -> one-shot prompt
 
 
-def compare_stages(tracker: Tracker, *, sweep_run_id: str, trial_run_id: str, test_max_examples: int | None,
-                   resources: dict[str, float] | None) -> list[str]:
-    """Create the missing base-model stage runs under the sweep; return the stages created."""
+def compare_stages(tracker: Tracker, *, sweep_run_id: str, trial_run_id: str, scorer: TestScorer) -> list[str]:
+    """Create the missing base-model stage runs under the sweep (`scorer` holds the trial's checkpoint:
+    the same base model and test questions as promotion's); return the stages created."""
     from mlflow.entities import Metric
 
     client = tracker.client
     created = []
-    folder = None
     for stage, one_shot in BASE_STAGES.items():
         if tracker.find_run(**{PARENT_TAG: sweep_run_id, STAGE_TAG: stage}):
             continue
-        if folder is None:
-            folder = download_checkpoint(tracker.tracking_uri, trial_run_id)
         log.info("scoring the %s stage on the test split", stage)
-        result = evaluate_on_test(folder, test_max_examples, resources, with_adapter=False, one_shot=one_shot)
+        result = scorer.score(with_adapter=False, one_shot=one_shot)
         run_id = client.create_run(tracker.experiment_id, run_name=f"stage-{stage}", tags={
             "mlflow.parentRunId": sweep_run_id, PARENT_TAG: sweep_run_id, KIND_TAG: "stage", STAGE_TAG: stage,
             TRIAL_RUN_TAG: trial_run_id, "test_fingerprint": result.fingerprint}).info.run_id

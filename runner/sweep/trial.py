@@ -42,7 +42,7 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker=worker_loop,
-        train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu))},
+        train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu)), "gpu_share": gpu or 1.0},
         # One worker never communicates: gloo sets up without a CUDA device (the logical GPUs of a
         # simulated cluster) and leaves a shared card free of NCCL's communicator.
         torch_config=TorchConfig(backend="gloo"),
@@ -81,7 +81,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         if resume is not None and (resume / FATAL_FILE).exists():  # failed for good before a restart
             return report_fatal(Path(output), (resume / FATAL_FILE).read_text())
         try:
-            train_trial(config, Path(output), report=report, resume_from=resume)
+            train_trial(config, Path(output), report=report, resume_from=resume,
+                        gpu_share=min(1.0, loop_config["gpu_share"]))
         except (TrialDiverged, TrialOutOfMemory, UserError) as error:
             report_fatal(Path(output), f"{type(error).__name__}: {error}")
 

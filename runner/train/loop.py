@@ -79,10 +79,11 @@ class TrainState:
 
 
 def train_trial(config: TrialConfig, output_dir: Path, *, report: Report | None = None,
-                resume_from: Path | None = None) -> list[dict[str, float]]:
-    """Train one trial; report (metrics, checkpoint) after every epoch; return every epoch's metrics."""
+                resume_from: Path | None = None, gpu_share: float = 1.0) -> list[dict[str, float]]:
+    """Train one trial; report (metrics, checkpoint) after every epoch; return every epoch's metrics.
+    `gpu_share`: the fraction of the GPU this trial was given (its memory plan counts only that)."""
     try:
-        return run(config, output_dir, report, resume_from)
+        return run(config, output_dir, report, resume_from, gpu_share)
     except torch.OutOfMemoryError as error:
         raise TrialOutOfMemory(
             f"out of GPU memory (batch_size={config.batch_size}, precision={config.precision}, "
@@ -90,14 +91,15 @@ def train_trial(config: TrialConfig, output_dir: Path, *, report: Report | None 
             f"or give each trial more of a GPU (resources.gpu) — {str(error).splitlines()[0]}") from error
 
 
-def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_from: Path | None) -> list[dict]:
+def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_from: Path | None,
+        gpu_share: float) -> list[dict]:
     # 1. Seed, device and precision: refuse what cannot work before reading data or taking memory.
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     check_precision(config.precision, device)
     dtype = compute_dtype(config.precision, device)
     limit_gpu_memory(config, device)
-    preflight(config, resolve_model(config.model), dtype, device)
+    preflight(config, resolve_model(config.model), dtype, device, gpu_share)
 
     # 2. Data: the seeded training draw, the fixed validation subset, the majority-answer floor.
     task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
@@ -127,7 +129,6 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
     from transformers import get_linear_schedule_with_warmup
 
     lora_model = add_lora(base, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          quantized=config.precision in ("int8", "nf4"),
                           gradient_checkpointing=config.gradient_checkpointing)
     optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay,

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# On one GPU (issue "Sweep speed on one GPU"): the same 4-trial int8 sweep of the full-size random-weight
+# BLIP-2 on VQA-RAD-like data (bench/vqa_rad_like.py through the vqa_rad local loader), 4 trials sharing the
+# card at 0.25 under CUDA MPS, by today's code and by the code before this change, each with a cold node cache
+# (image features and quantised weights), the whole pipeline (sweep, promotion, zero-shot, one-shot, report).
+# Also the int8 path bench (bench/int8_path.py). Each run's log lines are stamped with seconds since its start;
+# GPU utilisation sampled every second.
+#
+#   PARTS="int8 new old" bash bench/gpu_sweep_speed.sh      # old: the code at $OLD (a `git archive` of it)
+set -uo pipefail
+mkdir -p /tmp/site && [ -d /tmp/site/ray ] || tar xJf .gpu/site.tar.xz -C /tmp/site
+export PYTHONPATH=/tmp/site:$PWD MLFLOW_DISABLE_TELEMETRY=true TQDM_DISABLE=1 PYTHONUNBUFFERED=1 \
+  OUT=${OUT:-/tmp/out} HF_DATASETS_CACHE=/tmp/hf-datasets RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
+ROOT=$PWD OLD=${OLD:-$PWD/.old}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, peft, bitsandbytes as b, ray; print('torch', torch.__version__,
+  'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__,
+  'ray', ray.__version__)" 2>&1 | tail -1 | tee -a "$OUT/gpu.txt"
+nproc | sed 's/^/cpus /' | tee -a "$OUT/gpu.txt"
+start=$(date +%s)
+[ -f /tmp/full/config.json ] || python3 bench/full_size.py /tmp/full 2>&1 | tail -1
+[ -f /tmp/vqa-rad/test-00000-of-00001.parquet ] || python3 bench/vqa_rad_like.py /tmp/vqa-rad /tmp/full 2>&1 | tail -1
+echo "model + data: $(( $(date +%s) - start )) s"
+export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+mkdir -p /tmp/mps /tmp/mps-log && nvidia-cuda-mps-control -d && echo "MPS started"
+
+stamp() {  # seconds since start before every line; bitsandbytes' per-matmul notice counted, not kept
+  python3 -u -c '
+import sys, time
+t, casts = time.time(), 0
+for line in sys.stdin:
+    if "MatMul8bitLt: inputs will be cast" in line:
+        casts += 1
+        continue
+    print(f"{time.time() - t:7.1f} {line}", end="", flush=True)
+print(f"{time.time() - t:7.1f} [MatMul8bitLt cast notices: {casts}]")'
+}
+
+sweep() {  # $1: code tree, $2: name
+  rm -rf /tmp/cache-$2 /tmp/ray-$2 /tmp/mlruns-$2 && mkdir -p /tmp/mlruns-$2
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 1 > "$OUT/smi_$2.csv" &
+  local smi=$! began=$(date +%s)
+  (cd "$1" && RUNNER_CACHE=/tmp/cache-$2 PYTHONPATH=/tmp/site:$1 timeout ${SWEEP_GUARD:-560} python3 -m runner.cli \
+    tune "$ROOT/search_spaces/vqa_rad.yaml" name=$2 trial.model=/tmp/full trial.data=/tmp/vqa-rad trial.epochs=2 \
+    num_samples=1 'space={lora_rank: {grid: [8, 16]}, n_samples: {grid: [800, 1600]}}' trial.learning_rate=1e-4 \
+    scheduler.type=none resources.gpu=0.25 resources.cpu=3 test_max_examples=null storage_path=/tmp/ray-$2 \
+    tracking_uri=sqlite:////tmp/mlruns-$2/mlflow.db 2>&1) | stamp > "$OUT/sweep_$2.log"
+  echo "sweep $2: rc ${PIPESTATUS[0]}, wall $(( $(date +%s) - began )) s" | tee -a "$OUT/summary.txt"
+  kill $smi
+  grep -E "image features:|quantised weights|promotion:|report:|stage|sweep .*: up to|TERMINATED|ERROR|Error|cast notices" \
+    "$OUT/sweep_$2.log" | cut -c1-200 | tail -30
+  PYTHONPATH=/tmp/site:$1 python3 bench/sweep_summary.py sqlite:////tmp/mlruns-$2/mlflow.db $2 2>/dev/null \
+    > "$OUT/trials_$2.jsonl"; cat "$OUT/trials_$2.jsonl" | cut -c1-260
+}
+
+for part in ${PARTS:-int8 new old}; do
+  echo "== $part"
+  case $part in
+    int8) RUNNER_CACHE=/tmp/cache-int8 timeout ${INT8_GUARD:-300} python3 bench/int8_path.py /tmp/full /tmp/vqa-rad \
+            "$OUT" 2>&1 | grep -v "MatMul8bitLt\|Loading weights\|Writing model" | tee "$OUT/int8_path.log" | tail -14 ;;
+    new) sweep "$ROOT" new ;;
+    old) sweep "$OLD" old ;;
+  esac
+done
+echo quit | nvidia-cuda-mps-control
