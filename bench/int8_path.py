@@ -75,7 +75,11 @@ def throughput(lora_model, base, processor, task, examples, features, device, mo
 
 def main(model_dir: str, data: str, out: Path) -> None:
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, Blip2ForConditionalGeneration, Blip2Processor
+    from transformers import (
+        BitsAndBytesConfig,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+    )
 
     from runner.model.quantized import quantized_cache
 

@@ -145,13 +145,13 @@ def config_for(model_path: str, data: str, precision: str, batch: int) -> TrialC
 
 def main(model_path: str, data: str, out: Path) -> None:
     gpu = torch.cuda.is_available()
-    scale = 1 if gpu else 0.25  # CPU smoke test: fewer samples, one batch size each
+    scale = 1 if gpu else 0.1  # CPU smoke test: few samples, one batch size each
     rows, generation = [], []
 
     precision = "int8" if gpu else "fp32"
     device, task, split, base, processor, dtype = setting(model_path, data, precision)
     examples, images = split.examples, split.images
-    needed = {e.image_key: images[e.image_key] for e in examples[:4096]}
+    needed = {e.image_key: images[e.image_key] for e in examples[: int(4096 * scale)]}
     peak_gib()
     ref_gen = reference_generation(base, processor, task, examples, images, device, dtype, int(8 * scale) or 2)
     note(generation, "reference: batch 1, full forward per question", ref_gen, peak_gib())

@@ -178,8 +178,12 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None):
                 time.sleep(0.5)
         yield base
     finally:
-        os.killpg(process.pid, 15)  # the server and its workers
-        process.wait(30)
+        os.killpg(process.pid, signal.SIGTERM)  # the server and its workers
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:  # a loaded machine: its workers may not drain in time
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
 
 
 class Collected:

@@ -64,6 +64,20 @@ def check_reachable(address: str) -> None:
         raise UserError(f"--address {address}: no Ray cluster answers there ({error})") from error
 
 
+def check_cluster(config: SweepConfig, address: str | None) -> None:
+    """What is known before anything starts: an `--address` answers, and a local cluster (this machine)
+    has a GPU when the trials ask for one — in seconds, before the data loads or MLflow is touched."""
+    if address not in (None, "auto") and not address.startswith("ray://"):
+        check_reachable(address)
+    if address is None and config.resources.gpu > 0:
+        import torch
+
+        if torch.cuda.device_count() == 0:
+            raise UserError(f"resources.gpu: {config.resources.gpu:g} GPU per trial requested but the cluster has 0 "
+                            "GPUs (a local cluster on this machine, which has no CUDA GPU visible); run on a GPU "
+                            "machine, join a GPU cluster with --address, or set resources.gpu=0")
+
+
 def concurrency(config: SweepConfig, resources: dict[str, float]) -> int:
     """How many trials fit at once: by GPU share, and by CPU (worker share + the trial driver's)."""
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -161,6 +175,7 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
     if not resume and state.exists(config):
         raise UserError(f"name: a sweep {config.name!r} already exists in {config.storage}; "
                         f"pass --resume to continue it or choose another name (name=...)")
+    check_cluster(config, address)
     check_inputs(config)  # data, model, sizes: before anything is written or started
     tracking_uri = config.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, config.experiment)  # fails fast (exit 2) on an unusable URI
