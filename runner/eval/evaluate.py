@@ -21,6 +21,7 @@ from runner.config import TrialConfig
 from runner.errors import UserError
 from runner.eval import metrics
 from runner.model.blip2 import (
+    adapter_trains_qformer,
     compute_dtype,
     encode_prompts,
     image_token_id,
@@ -55,7 +56,8 @@ def generate(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         encoded = encode_prompts(processor, [task.prompt(ex.question, exemplar) for ex in batch], device)
-        embeds = text_embeddings(model, encoded["input_ids"], features.lookup(image_keys[start : start + batch_size]), image_token)
+        embeds = text_embeddings(model, encoded["input_ids"],
+                                 features.language_inputs(model, image_keys[start : start + batch_size]), image_token)
         output = model.language_model.generate(
             inputs_embeds=embeds, attention_mask=encoded["attention_mask"], max_new_tokens=max_new_tokens, **DECODING
         )
@@ -136,11 +138,13 @@ def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_
     model, processor = load_blip2(config.model, config.precision, device, config.model_revision)
     needed = {ex.image_key for ex in examples}
     dtype = compute_dtype(config.precision, device)
+    vision_only = adapter is not None and adapter_trains_qformer(adapter_dir(adapter))
     features = compute_image_features(model, processor, {k: v for k, v in data.images.items() if k in needed},
                                       device, dtype, config.eval_batch_size,
-                                      trial_feature_cache(config, dtype, model, processor))
-    if adapter is not None:
-        PeftModel.from_pretrained(model, adapter_dir(adapter))  # injects LoRA into model.language_model in place
+                                      trial_feature_cache(config, dtype, model, processor, vision_only),
+                                      vision_only=vision_only)
+    if adapter is not None:  # after the features: a Q-Former adapter then applies in language_inputs
+        PeftModel.from_pretrained(model, adapter_dir(adapter))  # injects LoRA in place
     exemplar = one_shot_exemplar(task, config.seed) if one_shot else None
     scores, rows = evaluate(model, processor, task, examples, features, exemplar=exemplar,
                             batch_size=config.eval_batch_size, max_new_tokens=config.max_new_tokens)
