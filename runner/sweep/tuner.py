@@ -183,13 +183,18 @@ def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, resto
 
 
 def check_inputs(config: SweepConfig) -> None:
-    """What would otherwise fail inside every trial, checked once on the driver: the data loads, every
-    n_samples the space can draw fits the train split, the model directory exists, int8 has a GPU."""
+    """What would otherwise fail inside every trial, checked once on the driver: the searcher's package is
+    there, the data loads, every n_samples the space can draw fits the train split, the model directory
+    exists, int8 has a GPU."""
     from runner.model.blip2 import resolve_model
     from runner.tiny import TINY_MODEL
     from tasks import get_task
 
+    import importlib.util
+
     trial = config.trial
+    if config.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise UserError("search: optuna needs the optuna package (pip install optuna==4.1.0, see requirements.txt)")
     if trial.precision in ("int8", "nf4") and config.resources.gpu == 0:
         raise UserError(f"trial.precision: {trial.precision} needs a GPU per trial (resources.gpu > 0); "
                         "on CPU use fp32 or bf16")
