@@ -186,11 +186,11 @@ def check_inputs(config: SweepConfig) -> None:
     """What would otherwise fail inside every trial, checked once on the driver: the searcher's package is
     there, the data loads, every n_samples the space can draw fits the train split, the model directory
     exists, int8 has a GPU."""
+    import importlib.util
+
     from runner.model.blip2 import resolve_model
     from runner.tiny import TINY_MODEL
     from tasks import get_task
-
-    import importlib.util
 
     trial = config.trial
     if config.search == "optuna" and importlib.util.find_spec("optuna") is None:
