@@ -53,6 +53,11 @@ def test_float_without_dot_is_a_float(tmp_path):
     ("name: s\ntrial: {}\nspace: {}\n", "space: {} is empty"),
     ("trial: {}\nspace: {lora_rank: {grid: [4]}}\n", "name: missing"),
     (GOOD + "scheduler: {type: hyperband}\n", "'hyperband' is not one of"),
+    (GOOD + "search: bohb\n", "search: 'bohb' is not one of random, optuna"),
+    (GOOD + "  lora_targets: {choice: ['q,v', 'q,x']}\n", "space.lora_targets: 'q,x' names 'x': not a LoRA target"),
+    (GOOD.replace("epochs: 2", "lora_targets: 'q,q'"), "trial.lora_targets: 'q,q' names a layer twice"),
+    (GOOD.replace("space:\n", "search: optuna\nspace:\n  lora_alpha: {grid: [8, 16]}\n"),
+     "space.lora_alpha: grid is not supported by search: optuna"),
 ])
 def test_bad_space_names_the_problem(tmp_path, text, message):
     path = write(tmp_path, text)

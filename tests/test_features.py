@@ -150,12 +150,76 @@ def test_one_scorer_loads_the_model_once_and_scores_the_bare_model_exactly(tiny_
     real_load = evaluate.load_blip2
     monkeypatch.setattr(evaluate, "load_blip2", lambda *args: loads.append(args) or real_load(*args))
 
-    scorer = evaluate.SplitScorer(config, "test")
-    tuned = scorer.score(tmp_path / "adapter")
-    zero_shot, one_shot = scorer.score(None), scorer.score(None, one_shot=True)
+    scorer = evaluate.SplitScorer(config, "test", adapter=tmp_path / "adapter")
+    tuned = scorer.score(with_adapter=True)
+    zero_shot, one_shot = scorer.score(with_adapter=False), scorer.score(with_adapter=False, one_shot=True)
     assert len(loads) == 1
-    fresh = evaluate.SplitScorer(config, "test")
-    assert [row["prediction"] for row in zero_shot.rows] == [row["prediction"] for row in fresh.score(None).rows]
-    assert one_shot.rows == fresh.score(None, one_shot=True).rows
+    fresh = evaluate.SplitScorer(config, "test")  # no adapter ever injected
+    assert zero_shot.rows == fresh.score(with_adapter=False).rows
+    assert one_shot.rows == fresh.score(with_adapter=False, one_shot=True).rows
     assert [row["prediction"] for row in tuned.rows] != [row["prediction"] for row in zero_shot.rows]
     assert tuned.fingerprint == zero_shot.fingerprint  # the same test questions
+
+
+@pytest.fixture(scope="module")
+def tiny_fp32(tiny_model):
+    return load_blip2(str(tiny_model), "fp32", CPU)
+
+
+ATTENTION, ALL_T5 = {"q", "k", "v", "o"}, {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}  # gated Flan-T5: wi_0, wi_1
+
+
+@pytest.mark.parametrize("targets, t5_layers", [("q,v", {"q", "v"}), ("q,k,v,o", ATTENTION),
+                                                ("q,k,v,o,wi,wo", ALL_T5), ("q,v,query,value", {"q", "v"})])
+def test_cached_features_give_the_full_forwards_logits_for_each_lora_target_choice(tiny_model, tiny_fp32, pictures,
+                                                                                  tmp_path, targets, t5_layers):
+    """As a trial does it: features (cached) before LoRA is added, then the adapted model. With the Q-Former
+    adapted, only the vision tower's output may come from the cache; its LoRA must act at every step."""
+    import copy
+
+    from runner.config import TrialConfig
+    from runner.model.blip2 import add_lora
+
+    config = TrialConfig(model=str(tiny_model), precision="fp32", lora_targets=targets)
+    loaded, processor = tiny_fp32
+    base, frozen = copy.deepcopy(loaded), loaded  # frozen: the model before LoRA, what a stale cache reflects  # the image path as it was before LoRA: what a stale cache would hold
+    cache = feature_cache(tmp_path, str(tiny_model), None, "fp32", torch.float32, base, processor,
+                          vision_only=config.trains_qformer)
+    compute_image_features(base, processor, pictures["images"], CPU, torch.float32, 4, cache, config.trains_qformer)
+    calls = vision_calls(base)
+    features = compute_image_features(base, processor, pictures["images"], CPU, torch.float32, 4, cache,
+                                      config.trains_qformer)
+    assert calls == [] and features.vision_only == config.trains_qformer  # all from the cache
+    model = add_lora(base, rank=4, alpha=8, dropout=0.0, gradient_checkpointing=False,
+                     targets=config.target_modules)
+    adapted = {name.split(".base_model.model.")[-1].split(".lora_")[0] for name, _ in model.named_parameters()
+               if "lora_B" in name}
+    assert any(".qformer." in f".{name}" for name in adapted) == config.trains_qformer
+    assert {name.rsplit(".", 1)[-1] for name in adapted if "language_model" in name} == t5_layers
+    assert {name.rsplit(".", 1)[-1] for name in adapted if "qformer" in name} <= {"query", "value"}
+    with torch.no_grad():  # LoRA's B starts at zero (a no-op): give every adapter an effect to get wrong
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    model.eval()
+
+    questions = pictures["questions"]
+    encoded = encode_prompts(processor, [get_task("easy_vqa").prompt(ex.question) for ex in questions], CPU)
+    labels = encode_answers(processor, [ex.answer for ex in questions], CPU)
+    pixels = processor.image_processor([pictures["images"][ex.image_key] for ex in questions],
+                                       return_tensors="pt")["pixel_values"]
+    keys = [ex.image_key for ex in questions]
+
+    def logits(image_rows):
+        embeds = text_embeddings(base, encoded["input_ids"], image_rows, image_token_id(processor))
+        return base.language_model(inputs_embeds=embeds, attention_mask=encoded["attention_mask"],
+                                   labels=labels).logits
+
+    with torch.no_grad():
+        reference = model(pixel_values=pixels, input_ids=encoded["input_ids"],
+                          attention_mask=encoded["attention_mask"], labels=labels).logits
+        ours = logits(features.language_inputs(base, keys))
+        stale = logits(compute_image_features(frozen, processor, pictures["images"], CPU, torch.float32).lookup(keys))
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    # Only an adapted Q-Former makes the frozen path's projected features wrong: the test can tell.
+    assert torch.allclose(stale, reference, rtol=1e-4, atol=1e-4) != config.trains_qformer

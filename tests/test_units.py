@@ -217,6 +217,24 @@ def test_an_old_checkpoint_with_an_unknown_field_still_loads(tmp_path):
     assert loaded.epoch == 2 and loaded.config == TrialConfig()
 
 
+def test_a_checkpoint_from_before_lora_targets_resumes_with_its_default_only(tmp_path):
+    from runner.train import checkpoint
+
+    for name in checkpoint.ADAPTER_FILES:
+        (tmp_path / "adapter").mkdir(exist_ok=True)
+        (tmp_path / "adapter" / name).write_text("{}")
+    (tmp_path / "metrics.json").write_text("[]")
+    (tmp_path / "trainer_state.pt").write_text("")
+    old = {key: value for key, value in TrialConfig().to_dict().items() if key != "lora_targets"}
+    (tmp_path / "trial_config.json").write_text(json.dumps(old))
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"format_version": checkpoint.FORMAT_VERSION,
+                                                          "epoch": 1, "data": {}}))
+    saved = checkpoint.load(tmp_path)
+    checkpoint.check_resumable(saved, TrialConfig(lora_targets="q,v"))  # what it trained: today's default
+    with pytest.raises(UserError, match=r"different config \(lora_targets\)"):
+        checkpoint.check_resumable(saved, TrialConfig(lora_targets="q,k,v,o"))
+
+
 # --- the shipped tiny model ----------------------------------------------------------------------------
 
 def test_the_shipped_tiny_model_matches_the_current_recipe():

@@ -138,6 +138,7 @@ def parse_space(space: Any, base: TrialConfig | None, problems: Problems) -> dic
     known = {f.name for f in fields(TrialConfig)}
     base_values = (base or TrialConfig()).to_dict()
     parsed: dict[str, Domain] = {}
+    derived: dict[str, list] = {}
     for key, domain in space.items():
         where = f"space.{key}"
         if key not in known:
@@ -150,12 +151,11 @@ def parse_space(space: Any, base: TrialConfig | None, problems: Problems) -> dic
         if not isinstance(raw, list) or not raw:
             problems.append(f"{where}.{kind}: expected a non-empty list")
             continue
-        values, bad = [], Problems()
-        for value in raw:  # each value must make a valid trial; building one also converts it
-            trial = collect(TrialConfig, {**base_values, key: value}, "", bad)
-            values.append(getattr(trial, key, None))
-        if bad:
-            problems.extend(f"{where}: {problem.removeprefix(key + ': ')}" for problem in dict.fromkeys(bad))
+        if kind == "times":  # needs the domain of the key it is computed from: after the others
+            derived[key] = raw
+            continue
+        values = checked_values(key, raw, base_values, where, problems)
+        if values is None:
             continue
         if kind not in ("grid", "choice"):
             if len(values) != 2 or not values[0] < values[1]:
@@ -165,7 +165,48 @@ def parse_space(space: Any, base: TrialConfig | None, problems: Problems) -> dic
                 problems.append(f"{where}.{kind}: a log scale needs low > 0, got {values[0]!r}")
                 continue
         parsed[key] = Domain(kind, tuple(values))
+    for key, raw in derived.items():
+        domain = parse_times(key, raw, parsed, derived, base_values, known, problems)
+        if domain is not None:
+            parsed[key] = domain
     return parsed
+
+
+def checked_values(key: str, raw: list, base_values: dict, where: str, problems: Problems) -> list | None:
+    """`raw` converted; None (and problems noted) unless each value makes a valid trial."""
+    values, bad = [], Problems()
+    for value in raw:  # building a trial with each value also converts it
+        trial = collect(TrialConfig, {**base_values, key: value}, "", bad)
+        values.append(getattr(trial, key, None))
+    if bad:
+        problems.extend(f"{where}: {problem.removeprefix(key + ': ')}" for problem in dict.fromkeys(bad))
+        return None
+    return values
+
+
+def parse_times(key: str, raw: list, parsed: dict[str, Domain], derived: dict[str, list], base_values: dict,
+                known: set[str], problems: Problems) -> Domain | None:
+    """`key: {times: [factor, source]}`: every value factor × source can take must make a valid trial."""
+    where = f"space.{key}.times"
+    if (len(raw) != 2 or isinstance(raw[0], bool) or not isinstance(raw[0], (int, float))
+            or not isinstance(raw[1], str)):
+        problems.append(f"{where}: expected [factor, trial key] (lora_alpha: {{times: [2, lora_rank]}}), got {raw!r}")
+        return None
+    factor, source = raw
+    if source not in known or source == key:
+        problems.append(f"{where}: {source!r} is not another trial key")
+        return None
+    if source in derived:
+        problems.append(f"{where}: {source} is itself computed (times); name a drawn or fixed key")
+        return None
+    domain = parsed.get(source)  # None: the source is fixed (its trial value)
+    sources = list(domain.values) if domain is not None else [base_values[source]]
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in sources):
+        problems.append(f"{where}: {source} is not a number")
+        return None
+    if checked_values(key, [factor * v for v in sources], base_values, f"space.{key}", problems) is None:
+        return None
+    return Domain("times", (factor, source))
 
 
 def load_sweep(path: Path, overrides: list[str] = ()) -> SweepConfig:

@@ -17,8 +17,13 @@ from runner.errors import UserError
 Precision = Literal["int8", "nf4", "bf16", "fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 Device = Literal["auto", "cpu", "cuda"]
-DomainKind = Literal["grid", "choice", "uniform", "loguniform", "randint", "lograndint"]
+DomainKind = Literal["grid", "choice", "uniform", "loguniform", "randint", "lograndint", "times"]
 DOMAIN_KINDS: tuple[str, ...] = get_args(DomainKind)
+Search = Literal["random", "optuna"]
+SEARCHES: tuple[str, ...] = get_args(Search)
+# LoRA target names (`TrialConfig.lora_targets`), by the part of BLIP-2 they adapt.
+T5_TARGETS = ("q", "k", "v", "o", "wi", "wo")  # Flan-T5 attention and feed-forward (wi: wi_0 and wi_1 when gated)
+QFORMER_TARGETS = ("query", "key", "value")  # the Q-Former's self- and cross-attention
 
 Bound = tuple[Callable[[Any], bool], str]  # (holds for a good value, what a bad value breaks)
 
@@ -89,7 +94,11 @@ class TrialConfig(Checked):
     device: Device = "auto"
     """`auto` picks CUDA when present."""
     lora_rank: int = 8
-    """LoRA rank r on the Flan-T5 attention q and v."""
+    """LoRA rank r."""
+    lora_targets: str = "q,v"
+    """Comma-separated layers LoRA adapts (as LLaMA-Factory's `lora_target`): Flan-T5 `q,k,v,o` (attention),
+    `wi,wo` (feed-forward); Q-Former `query,key,value` (the Q-Former then trains, so only the vision tower's
+    output is cached). Searchable: `{choice: ["q,v", "q,k,v,o", "q,k,v,o,wi,wo", "q,v,query,value"]}`."""
     lora_alpha: float = 16.0
     """LoRA scaling numerator (scale = alpha / rank)."""
     lora_dropout: float = 0.05
@@ -133,22 +142,54 @@ class TrialConfig(Checked):
         "max_eval_examples": optional(at_least(1)), "max_new_tokens": at_least(1),
     }
 
+    def problems(self) -> list[str]:
+        wrong = bad_targets(self.lora_targets)  # not a BOUNDS entry: its message names the wrong layer
+        return super().problems() + ([f"lora_targets: {self.lora_targets!r} {wrong}"] if wrong else [])
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.lora_targets.split(","))
+
+    @property
+    def trains_qformer(self) -> bool:
+        """LoRA in the Q-Former: its output is no longer frozen (the feature cache stops at the vision tower)."""
+        return any(name in QFORMER_TARGETS for name in self.target_modules)
+
+
+def bad_targets(targets: str) -> str:
+    """What is wrong with a `lora_targets` value ("" when nothing)."""
+    names = [name.strip() for name in targets.split(",")]
+    unknown = [name for name in names if name not in T5_TARGETS + QFORMER_TARGETS]
+    if unknown:
+        return (f"names {', '.join(map(repr, unknown))}: not a LoRA target (Flan-T5: {', '.join(T5_TARGETS)}; "
+                f"Q-Former: {', '.join(QFORMER_TARGETS)})")
+    if len(set(names)) != len(names):
+        return "names a layer twice"
+    return ""
+
 
 # What changes the trained weights: a checkpoint resumes only under the same values of these.
 # Evaluation-only and placement fields (device, caching, eval sizes, memory cap) may differ.
 TRAINING_FIELDS = ("task", "data", "n_samples", "val_fraction", "skip_bad_images", "seed", "model",
-                   "model_revision", "precision", "lora_rank", "lora_alpha", "lora_dropout", "learning_rate",
-                   "weight_decay", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm")
+                   "model_revision", "precision", "lora_rank", "lora_targets", "lora_alpha", "lora_dropout",
+                   "learning_rate", "weight_decay", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm")
 
 
 @dataclass(frozen=True)
 class Domain:
-    """One varied trial key: `grid`/`choice` over values, or a `[low, high]` range; parsed once."""
+    """One varied trial key: `grid`/`choice` over values, a `[low, high]` range, or `times: [factor, key]`
+    (this key is factor × the trial's value of another key: `lora_alpha: {times: [2, lora_rank]}`); parsed once."""
 
     kind: DomainKind
     values: tuple[Any, ...]
 
+    @property
+    def derived(self) -> bool:
+        """Computed from another key of the same trial, not drawn by the searcher."""
+        return self.kind == "times"
+
     def to_tune(self):
+        """The Ray Tune domain (a derived key has none: runner/sweep/tuner.py computes it)."""
         from ray import tune
 
         if self.kind == "grid":
@@ -159,9 +200,10 @@ class Domain:
 
     @property
     def largest(self) -> Any:
-        """The largest value a trial can draw (a range's upper end)."""
+        """The largest value a trial can draw (a range's upper end); None for a derived key (its values
+        were checked against the trial's bounds when the space was read)."""
         present = [v for v in self.values if v is not None]
-        return max(present) if present else None
+        return None if self.derived or not present else max(present)
 
     def as_yaml(self) -> dict[str, list]:
         return {self.kind: list(self.values)}
@@ -204,6 +246,10 @@ class SweepConfig(Checked):
     """Base values of every trial (any TrialConfig key)."""
     space: dict[str, Domain]
     """TrialConfig keys to vary, each `{grid|choice: [...]}` or `{uniform|loguniform|randint|lograndint: [low, high]}`."""
+    search: Search = "random"
+    """How trials are drawn: `random` (Tune's seeded random/grid sampling) or `optuna` (Optuna's TPE through
+    Ray Tune's OptunaSearch: a model of the results so far picks the next trial; ranges and choices, no grid).
+    Both are seeded by `trial.seed` and resumed with the sweep."""
     num_samples: int = 1
     """Tune samples of the space (a grid is repeated num_samples times)."""
     metric: str = "val_exact_match"
@@ -241,7 +287,11 @@ class SweepConfig(Checked):
 
     def problems(self) -> list[str]:
         # The URI itself is not repeated: it holds a secret.
-        return super().problems() + ([f"tracking_uri: the URI {CREDENTIALS}"] if has_credentials(self.tracking_uri) else [])
+        found = super().problems() + ([f"tracking_uri: the URI {CREDENTIALS}"] if has_credentials(self.tracking_uri) else [])
+        if self.search == "optuna":  # Optuna samples: there is no grid to walk
+            found += [f"space.{key}: grid is not supported by search: optuna (use choice, or search: random)"
+                      for key, domain in self.space.items() if domain is not None and domain.kind == "grid"]
+        return found
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values in the YAML's own shape (the copy logged to MLflow reads back with sweep_from_dict)."""

@@ -23,6 +23,7 @@ from runner.config import TrialConfig
 from runner.errors import UserError
 from runner.eval import metrics
 from runner.model.blip2 import (
+    adapter_trains_qformer,
     compute_dtype,
     encode_prompts,
     image_token_id,
@@ -57,7 +58,8 @@ def generate(
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
         encoded = encode_prompts(processor, [task.prompt(ex.question, exemplar) for ex in batch], device)
-        embeds = text_embeddings(model, encoded["input_ids"], features.lookup(image_keys[start : start + batch_size]), image_token)
+        embeds = text_embeddings(model, encoded["input_ids"],
+                                 features.language_inputs(model, image_keys[start : start + batch_size]), image_token)
         output = model.language_model.generate(
             inputs_embeds=embeds, attention_mask=encoded["attention_mask"], max_new_tokens=max_new_tokens, **DECODING
         )
@@ -124,11 +126,16 @@ def one_shot_exemplar(task: Task, seed: int) -> Example:
 
 
 class SplitScorer:
-    """A split's questions, the base model and their image features, loaded once and scored as often as
-    asked: with the trial's adapter, or the bare base model (zero- or one-shot). Promotion and the stage
-    comparison share one, so the post-sweep phase loads the model once, not once per score."""
+    """A split's questions, the base model (+ an adapter) and their image features, loaded once and scored
+    as often as asked: with the adapter, or the bare base model (zero- or one-shot). Promotion and the
+    stage comparison share one, so the post-sweep phase loads the model once, not once per score."""
 
-    def __init__(self, config: TrialConfig, split: str):
+    def __init__(self, config: TrialConfig, split: str, adapter: Path | None = None):
+        """`adapter`: an epoch checkpoint or PEFT adapter directory (None: the bare model only)."""
+        from peft import PeftModel
+
+        from runner.train.checkpoint import adapter_dir
+
         self.config = config
         self.device = resolve_device(config.device)
         self.task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
@@ -139,40 +146,33 @@ class SplitScorer:
         self.model, self.processor = load_blip2(config.model, config.precision, self.device, config.model_revision)
         needed = {ex.image_key for ex in self.examples}
         dtype = compute_dtype(config.precision, self.device)
+        vision_only = adapter is not None and adapter_trains_qformer(adapter_dir(adapter))
         self.features = compute_image_features(
             self.model, self.processor, {k: v for k, v in data.images.items() if k in needed}, self.device, dtype,
-            config.eval_batch_size, trial_feature_cache(config, dtype, self.model, self.processor))
-        self.adapter: Path | None = None
-        self.lora_model = None  # peft.PeftModel, once an adapter is loaded
+            config.eval_batch_size, trial_feature_cache(config, dtype, self.model, self.processor, vision_only),
+            vision_only=vision_only)
+        # After the features: a Q-Former adapter then applies in `language_inputs`. PEFT injects LoRA into
+        # the model in place; `disable_adapter` turns it off again for the bare-model scores.
+        self.lora_model = PeftModel.from_pretrained(self.model, adapter_dir(adapter)) if adapter is not None else None
 
     @functools.cached_property
     def exemplar(self) -> Example:
         return one_shot_exemplar(self.task, self.config.seed)
 
-    def score(self, adapter: Path | None, *, one_shot: bool = False) -> Evaluation:
-        """Score `adapter` (an epoch checkpoint or PEFT adapter directory), or the bare model when None."""
-        from peft import PeftModel
-
-        from runner.train.checkpoint import adapter_dir
-
-        if adapter is not None and self.lora_model is None:
-            # Injects LoRA into model.language_model in place; `disable_adapter` turns it off again.
-            self.lora_model = PeftModel.from_pretrained(self.model, adapter_dir(adapter))
-            self.adapter = adapter
-        elif adapter is not None and adapter != self.adapter:
-            raise ValueError(f"this scorer holds the adapter of {self.adapter}, not {adapter}")
-        bare = adapter is None and self.lora_model is not None
+    def score(self, *, with_adapter: bool, one_shot: bool = False) -> Evaluation:
+        if with_adapter and self.lora_model is None:
+            raise ValueError("this scorer holds no adapter")
+        bare = not with_adapter and self.lora_model is not None
         with self.lora_model.disable_adapter() if bare else contextlib.nullcontext():
-            exemplar = self.exemplar if one_shot else None
             scores, rows = evaluate(self.model, self.processor, self.task, self.examples, self.features,
-                                    exemplar=exemplar, batch_size=self.config.eval_batch_size,
-                                    max_new_tokens=self.config.max_new_tokens)
+                                    exemplar=self.exemplar if one_shot else None,
+                                    batch_size=self.config.eval_batch_size, max_new_tokens=self.config.max_new_tokens)
         return Evaluation(scores, rows, fingerprint(self.examples))
 
 
 def score_adapter(config: TrialConfig, adapter: Path | None, split: str, *, one_shot: bool = False) -> Evaluation:
     """Score an adapter (epoch checkpoint or PEFT adapter directory) or the bare model on a split."""
-    return SplitScorer(config, split).score(adapter, one_shot=one_shot)
+    return SplitScorer(config, split, adapter).score(with_adapter=adapter is not None, one_shot=one_shot)
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:

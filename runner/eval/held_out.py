@@ -35,10 +35,10 @@ class PackedScorer:
         self.scratch = tempfile.TemporaryDirectory(prefix="runner-test-")
         self.folder = unpack(files, Path(self.scratch.name) / "checkpoint")
         self.scorer = SplitScorer(checkpoint.read_config(self.folder, {"max_eval_examples": test_max_examples}),
-                                  "test")
+                                  "test", adapter=self.folder)
 
     def score(self, with_adapter: bool, one_shot: bool = False):
-        return self.scorer.score(self.folder if with_adapter else None, one_shot=one_shot)
+        return self.scorer.score(with_adapter=with_adapter, one_shot=one_shot)
 
 
 class TestScorer:

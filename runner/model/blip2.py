@@ -14,12 +14,13 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from runner.config import Precision
+from runner.config.schema import QFORMER_TARGETS
 from runner.errors import UserError
 from runner.tiny import TINY_MODEL
 
 log = logging.getLogger(__name__)
 
-LORA_TARGETS = ["q", "v"]  # Flan-T5 attention only (the Q-Former uses query/value, the ViT qkv)
+T5_FEED_FORWARD_IN = ("wi", "wi_0", "wi_1")  # `wi`: one projection, or two in gated Flan-T5 (wi_0, wi_1)
 
 
 def cache_dir() -> Path:
@@ -153,6 +154,17 @@ def image_token_id(processor: Blip2Processor) -> int:
     return processor.tokenizer.convert_tokens_to_ids(getattr(token, "content", token))
 
 
+def lora_target_pattern(targets: tuple[str, ...] | list[str]) -> str:
+    """PEFT's `target_modules` as a regex over module paths: T5 names only inside the language model and
+    Q-Former names only inside the Q-Former, so a short name like `q` or `value` never lands elsewhere."""
+    t5 = [name for name in targets if name not in QFORMER_TARGETS]
+    t5 = [alias for name in t5 for alias in (T5_FEED_FORWARD_IN if name == "wi" else (name,))]
+    qformer = [name for name in targets if name in QFORMER_TARGETS]
+    parts = ([rf"language_model\..*\.(?:{'|'.join(t5)})"] if t5 else []) + \
+        ([rf"qformer\..*\.(?:{'|'.join(qformer)})"] if qformer else [])
+    return "|".join(parts)
+
+
 def add_lora(
     model: Blip2ForConditionalGeneration,
     *,
@@ -160,8 +172,9 @@ def add_lora(
     alpha: float,
     dropout: float,
     gradient_checkpointing: bool,
+    targets: tuple[str, ...] = ("q", "v"),
 ):
-    """Freeze everything, then add trainable LoRA adapters to the Flan-T5 attention q and v.
+    """Freeze everything, then add trainable LoRA adapters to `targets` (TrialConfig.lora_targets).
 
     int8/nf4 models keep their dense weights in the compute dtype (bf16 on a card that has it): PEFT's
     `prepare_model_for_kbit_training` is not used, because it upcasts every non-quantised weight to fp32,
@@ -177,12 +190,14 @@ def add_lora(
         # Non-reentrant: the inputs (cached image features + embeddings) need no grad.
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none"
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_target_pattern(targets), bias="none"
     )
     peft_model = get_peft_model(model, lora)
-    outside = [n for n, p in peft_model.named_parameters() if p.requires_grad and "language_model" not in n]
-    if outside:  # the image-feature cache is only valid if the image path stays frozen
-        raise RuntimeError(f"LoRA reached beyond the language model: {outside[:3]}")
+    trained = ("language_model", "qformer") if any(name in QFORMER_TARGETS for name in targets) else ("language_model",)
+    outside = [n for n, p in peft_model.named_parameters()
+               if p.requires_grad and not any(f".{part}." in f".{n}" for part in trained)]
+    if outside:  # the image-feature cache is only valid for what stays frozen
+        raise RuntimeError(f"LoRA reached beyond {' and '.join(trained)}: {outside[:3]}")
     return peft_model
 
 
@@ -198,6 +213,15 @@ class DropInt8CastNotice(logging.Filter):
 INT8_CAST_NOTICE = DropInt8CastNotice()  # one instance: adding it again is a no-op
 
 
+def adapter_trains_qformer(adapter: Path) -> bool:
+    """Whether a saved PEFT adapter folder adapts the Q-Former (its image features then stop at the vision
+    tower, whatever the config scoring it says)."""
+    import json
+
+    targets = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("target_modules") or []
+    return "qformer" in (targets if isinstance(targets, str) else " ".join(targets))
+
+
 @torch.no_grad()
 def image_features(model: Blip2ForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
     """The frozen image path: ViT → Q-Former(query tokens) → projection, [batch, queries, d_model].
@@ -205,7 +229,18 @@ def image_features(model: Blip2ForConditionalGeneration, pixel_values: torch.Ten
     Written out with the sub-modules (not `get_image_features`) because its return type changed
     between transformers 5.17 (our GPU host) and 5.24.
     """
-    vision = model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+    return query_features(model, vision_features(model, pixel_values))
+
+
+@torch.no_grad()
+def vision_features(model: Blip2ForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's output, [batch, patches + 1, vision hidden]: frozen whatever LoRA adapts."""
+    return model.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+
+
+def query_features(model: Blip2ForConditionalGeneration, vision: torch.Tensor) -> torch.Tensor:
+    """Q-Former(query tokens, vision) → projection, [batch, queries, d_model]; with grad when the caller
+    trains the Q-Former's LoRA."""
     attention = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
     queries = model.query_tokens.expand(vision.shape[0], -1, -1)
     query_output = model.qformer(

@@ -1,8 +1,10 @@
 """The frozen image path's outputs (ViT → Q-Former → projection), computed once per image and kept.
 
-LoRA touches only the Flan-T5 attention, so these outputs depend on the image and the base model alone:
-a trial computes them once for all its epochs, and `FeatureCache` keeps them on the node's disk so the
-other trials of a sweep, validation, test scoring and the stage runs on that node load them instead.
+LoRA on the Flan-T5 layers leaves these outputs depending on the image and the base model alone: a trial
+computes them once for all its epochs, and `FeatureCache` keeps them on the node's disk so the other trials
+of a sweep, validation, test scoring and the stage runs on that node load them instead. A trial whose LoRA
+adapts the Q-Former (`lora_targets` with `query`/`key`/`value`) keeps only what stays frozen, the vision
+tower's output (`vision_only`), and runs the Q-Former and projection at every step.
 
 A cached entry is keyed by everything that changes the numbers: the model (hub id + resolved commit,
 or a local directory + its weight files' size and mtime), precision, compute dtype, the image
@@ -29,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from runner.model.blip2 import image_features
+from runner.model.blip2 import image_features, query_features, vision_features
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,17 @@ class ImageFeatures:
     """Frozen image-path outputs for a set of images, one row per image key."""
 
     index: dict[str, int]
-    values: torch.Tensor  # [n_images, num_query_tokens, d_model]
+    values: torch.Tensor  # [n_images, num_query_tokens, d_model]; vision_only: [n_images, patches + 1, hidden]
+    vision_only: bool = False  # the Q-Former trains: rows are the vision tower's output
 
     def lookup(self, keys: list[str]) -> torch.Tensor:
         return self.values[[self.index[key] for key in keys]]
+
+    def language_inputs(self, model, keys: list[str]) -> torch.Tensor:
+        """The image features the language model is fed for `keys` ([batch, queries, d_model]): the rows
+        themselves, or the rows through the (LoRA-adapted) Q-Former and projection."""
+        rows = self.lookup(keys)
+        return query_features(model, rows) if self.vision_only else rows
 
 
 class FeatureCache:
@@ -101,13 +110,15 @@ def write_atomically(path: Path, write) -> None:
 
 
 def feature_cache(root: Path, model: str, revision: str | None, precision: str, dtype: torch.dtype,
-                  loaded, processor) -> FeatureCache:
+                  loaded, processor, vision_only: bool = False) -> FeatureCache:
     """The cache for `loaded` (a model from runner.model.load_blip2) under `root`."""
     import transformers
 
     identity = {"model": model, "revision": revision, "precision": precision, "dtype": str(dtype),
                 "image_processor": processor.image_processor.to_dict(),
                 "transformers": transformers.__version__}
+    if vision_only:  # another tensor of the same images (absent otherwise: existing caches keep their key)
+        identity["output"] = "vision tower"
     path = Path(model)
     if (path / "config.json").exists():  # a local directory: a rewritten weight file is another model
         identity["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir()
@@ -122,21 +133,24 @@ def feature_cache(root: Path, model: str, revision: str | None, precision: str, 
     return FeatureCache(root, identity)
 
 
-def trial_feature_cache(config, dtype: torch.dtype, loaded, processor) -> FeatureCache | None:
-    """The node's cache for a trial's model and precision (None when the trial turns it off)."""
+def trial_feature_cache(config, dtype: torch.dtype, loaded, processor,
+                        vision_only: bool = False) -> FeatureCache | None:
+    """The node's cache for a trial's model and precision (None when the trial turns it off); `vision_only`
+    for the vision tower's output (a Q-Former that trains)."""
     from runner.model.blip2 import cache_dir, resolve_model
 
     if not config.cache_image_features:
         return None
     return feature_cache(cache_dir() / "image-features", resolve_model(config.model), config.model_revision,
-                         config.precision, dtype, loaded, processor)
+                         config.precision, dtype, loaded, processor, vision_only)
 
 
 def compute_image_features(model, processor, images: dict[str, Image.Image], device: torch.device,
-                           dtype: torch.dtype, batch_size: int = 32,
-                           cache: FeatureCache | None = None) -> ImageFeatures:
+                           dtype: torch.dtype, batch_size: int = 32, cache: FeatureCache | None = None,
+                           vision_only: bool = False) -> ImageFeatures:
     """Each image's features: from `cache` when it has them, else one pass through the frozen path
-    (saved to `cache`)."""
+    (saved to `cache`). `vision_only`: stop at the vision tower (the Q-Former trains); `cache` must be
+    the one for that output (trial_feature_cache picks it from the trial's lora_targets)."""
     keys = sorted(images)
     found: dict[str, torch.Tensor] = {}
     load_cached(cache, keys, found, device)
@@ -150,13 +164,13 @@ def compute_image_features(model, processor, images: dict[str, Image.Image], dev
         for start in tqdm(range(0, len(missing), batch_size), desc="image features", leave=False, disable=None):
             batch = missing[start : start + batch_size]
             pixels = processor.image_processor([images[key] for key in batch], return_tensors="pt")["pixel_values"]
-            values = image_features(model, pixels.to(device, dtype))
+            values = (vision_features if vision_only else image_features)(model, pixels.to(device, dtype))
             found.update(zip(batch, values))
             if cache is not None:  # one device-to-host copy per batch, not per image
                 for key, row in zip(batch, values.cpu()):
                     cache.save(key, row)
     values = torch.stack([found[key] for key in keys]) if keys else torch.empty(0)
-    return ImageFeatures(index={key: i for i, key in enumerate(keys)}, values=values)
+    return ImageFeatures(index={key: i for i, key in enumerate(keys)}, values=values, vision_only=vision_only)
 
 
 def load_cached(cache: FeatureCache | None, keys: list[str], found: dict[str, torch.Tensor],

@@ -1,7 +1,8 @@
 """The tuner: connect to Ray, size the concurrency, build (or restore) the Tuner and run the sweep.
 
-Tune's own pieces do the work: the seeded `BasicVariantGenerator` draws trials, ASHA stops weak ones
-between epochs, `Tuner.restore` resumes. MLflow hangs off the driver as a Tune callback
+Tune's own pieces do the work: a seeded searcher draws trials (`BasicVariantGenerator`, or Optuna's TPE
+through `OptunaSearch`), ASHA stops weak ones between epochs, `Tuner.restore` resumes — the searcher's
+state included, which Tune saves with the experiment. MLflow hangs off the driver as a Tune callback
 (runner/tracking/callback.py); the trials themselves (runner/sweep/trial.py) never touch it.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
 from runner.config import SweepConfig
 from runner.errors import UserError
@@ -105,12 +107,68 @@ def make_scheduler(config: SweepConfig):
 
 
 def param_space(config: SweepConfig) -> dict[str, Any]:
-    return {key: domain.to_tune() for key, domain in config.space.items()}
+    """Tune's param_space: the random searcher's domains. Optuna gets its space from `OptunaSpace` instead
+    (a searcher built with a space refuses a param_space with domains in it)."""
+    if config.search == "optuna":
+        return {}
+    base = config.trial.to_dict()
+    return {key: tune.sample_from(Times(*domain.values, base)) if domain.derived else domain.to_tune()
+            for key, domain in config.space.items()}
+
+
+@dataclass(frozen=True)
+class Times:
+    """A derived key (`{times: [factor, source]}`) for Tune's sample_from: factor × the trial's source value.
+    A class, not a lambda: searcher state is pickled with the experiment."""
+
+    factor: float
+    source: str
+    base: dict[str, Any]
+
+    def __call__(self, config: dict[str, Any]) -> float:
+        return self.factor * config.get(self.source, self.base[self.source])
+
+
+class OptunaSpace:
+    """The space as an Optuna define-by-run function: each drawn key one `trial.suggest_*`, in the space
+    file's order; derived keys returned as constants (OptunaSearch adds them to the trial's config, so
+    MLflow and the checkpoint see the value the trial trained with)."""
+
+    def __init__(self, space: dict[str, Any], base: dict[str, Any]):
+        self.space, self.base = space, base
+
+    def __call__(self, trial) -> dict[str, Any]:
+        drawn = {}
+        for key, domain in self.space.items():
+            kind, values = domain.kind, domain.values
+            if kind == "choice":
+                drawn[key] = trial.suggest_categorical(key, list(values))
+            elif kind in ("uniform", "loguniform"):
+                drawn[key] = trial.suggest_float(key, *values, log=kind == "loguniform")
+            elif kind in ("randint", "lograndint"):  # Tune's upper end is exclusive, Optuna's inclusive
+                drawn[key] = trial.suggest_int(key, values[0], values[1] - 1, log=kind == "lograndint")
+        return {key: Times(*domain.values, self.base)({**self.base, **drawn})
+                for key, domain in self.space.items() if domain.derived}
+
+
+class MetricResultsOptuna(OptunaSearch):
+    """Ray's OptunaSearch, told only of results that carry the metric: a trial failing by its settings
+    reports just its reason (runner/sweep/trial.py), which OptunaSearch would take for a KeyError."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if self.metric in result:
+            super().on_trial_result(trial_id, result)
 
 
 def search_algorithm(config: SweepConfig, max_concurrent: int):
-    """Seeded sampling: the same space file draws the same trials. A search_alg of our own must carry the
-    concurrency limit itself (TuneConfig's only reaches the default one)."""
+    """Seeded by trial.seed: the same space file draws the same trials. A search_alg of our own must carry
+    the concurrency limit itself (TuneConfig's only reaches the default one)."""
+    if config.search == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+
+        optuna = MetricResultsOptuna(space=OptunaSpace(config.space, config.trial.to_dict()), metric=config.metric,
+                                     mode=config.mode, seed=config.trial.seed)
+        return ConcurrencyLimiter(optuna, max_concurrent=max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     return BasicVariantGenerator(random_state=config.trial.seed, max_concurrent=max_concurrent)
@@ -139,13 +197,18 @@ def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, resto
 
 
 def check_inputs(config: SweepConfig) -> None:
-    """What would otherwise fail inside every trial, checked once on the driver: the data loads, every
-    n_samples the space can draw fits the train split, the model directory exists, int8 has a GPU."""
+    """What would otherwise fail inside every trial, checked once on the driver: the searcher's package is
+    there, the data loads, every n_samples the space can draw fits the train split, the model directory
+    exists, int8 has a GPU."""
+    import importlib.util
+
     from runner.model.blip2 import resolve_model
     from runner.tiny import TINY_MODEL
     from tasks import get_task
 
     trial = config.trial
+    if config.search == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise UserError("search: optuna needs the optuna package (pip install optuna==4.1.0, see requirements.txt)")
     if trial.precision in ("int8", "nf4") and config.resources.gpu == 0:
         raise UserError(f"trial.precision: {trial.precision} needs a GPU per trial (resources.gpu > 0); "
                         "on CPU use fp32 or bf16")

@@ -6,9 +6,11 @@ dependency order (device and precision, data, model, image features, LoRA, optim
 resume), then the epochs (train, validate, checkpoint, report).
 
 The frozen image path (ViT, Q-Former, projection) is computed once per image before training and
-reused every epoch: LoRA touches only the language model, so those outputs depend on the image alone.
+reused every epoch: LoRA on the language model leaves those outputs depending on the image alone.
 They are computed in eval mode (no Q-Former dropout), unlike a loop that reruns the frozen tower in
-train mode every step — a deliberate difference that makes a step several times cheaper.
+train mode every step — a deliberate difference that makes a step several times cheaper. When LoRA
+adapts the Q-Former too (`lora_targets`), only the vision tower's output is precomputed and the
+Q-Former and projection run in every step (train mode, with its dropout).
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
     needed = {ex.image_key for ex in train_examples + val_examples}
     images = {key: img for split in (train_split, val_split) for key, img in split.images.items() if key in needed}
     features = compute_image_features(base, processor, images, device, dtype, batch_size=config.eval_batch_size,
-                                      cache=trial_feature_cache(config, dtype, base, processor))
+                                      cache=trial_feature_cache(config, dtype, base, processor, config.trains_qformer),
+                                      vision_only=config.trains_qformer)
     memory = PeakMemory(device)
     memory.mark("load_and_features")
 
@@ -129,7 +132,7 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
     from transformers import get_linear_schedule_with_warmup
 
     lora_model = add_lora(base, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                          gradient_checkpointing=config.gradient_checkpointing)
+                          gradient_checkpointing=config.gradient_checkpointing, targets=config.target_modules)
     optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=config.learning_rate,
                                   weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")  # one kernel for all LoRA tensors
@@ -190,7 +193,8 @@ def train_epoch(state: TrainState, examples: list[Example], epoch: int) -> float
         encoded = encode_prompts(processor, [task.prompt(ex.question) for ex in batch], state.device)
         labels = encode_answers(processor, [task.normalize_answer(ex.answer) for ex in batch], state.device)
         embeds = text_embeddings(state.base, encoded["input_ids"],
-                                 state.features.lookup([ex.image_key for ex in batch]), image_token)
+                                 state.features.language_inputs(state.base, [ex.image_key for ex in batch]),
+                                 image_token)
         loss = state.base.language_model(inputs_embeds=embeds, attention_mask=encoded["attention_mask"],
                                          labels=labels).loss
         # Accumulated gradients must average, not sum, over the accumulated batches.
