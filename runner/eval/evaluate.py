@@ -74,7 +74,7 @@ def evaluate(
     own = [ex.image_key for ex in examples]
     predictions = generate(model, processor, task, examples, own, features, **kwargs)
     references = [task.normalize_answer(ex.answer) for ex in examples]
-    closed = [task.is_closed(ex.answer) for ex in examples]
+    closed = [task.is_closed(ex) for ex in examples]
     scores = metrics.score(predictions, references, closed)
     rows = [
         {"question": ex.question, "answer": ref, "prediction": pred, "closed": is_closed, "image_key": ex.image_key}
@@ -140,7 +140,7 @@ class SplitScorer:
         needed = {ex.image_key for ex in self.examples}
         dtype = compute_dtype(config.precision, self.device)
         self.features = compute_image_features(
-            self.model, self.processor, {k: v for k, v in data.images.items() if k in needed}, self.device, dtype,
+            self.model, self.processor, data.images.select(needed), self.device, dtype,
             config.eval_batch_size, trial_feature_cache(config, dtype, self.model, self.processor))
         self.adapter: Path | None = None
         self.lora_model = None  # peft.PeftModel, once an adapter is loaded
