@@ -80,6 +80,24 @@ def read_source(source: ImageSource) -> bytes:
     raise OSError(f"row {source.row} column {source.column} holds no image bytes")
 
 
+def source_name(source: ImageSource) -> str:
+    """The file an image comes from, for errors (empty for bytes held in a table)."""
+    if isinstance(source, str):
+        return source
+    if isinstance(source, ZipMember):
+        return f"{source.archive}:{source.member}"
+    return ""
+
+
+def named(record: str, source: ImageSource) -> str:
+    """`record`, with the image's file when it has one: "train.json record 3 (imgs/a.png)"."""
+    name = source_name(source)
+    if not name or name in record:
+        return record
+    folder = record.split(" ")[0].rpartition("/")[0]  # the table's folder: say the rest only
+    return f"{record} ({name.removeprefix(folder + '/') if folder else name})"
+
+
 class ImageStore(Mapping[str, Image.Image]):
     """Images by key, each decoded (to RGB) when it is looked up and not kept: iterate, don't collect.
 
@@ -92,7 +110,7 @@ class ImageStore(Mapping[str, Image.Image]):
 
     def __getitem__(self, key: str) -> Image.Image:
         source = self._sources[key]
-        record = self._records[key]
+        record = named(self._records[key], source)
         try:
             data = read_source(source)
         except (OSError, KeyError) as error:

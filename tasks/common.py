@@ -32,6 +32,7 @@ from tasks.base import (
     TableCell,
     decode_image,
     image_key,
+    named,
     read_source,
 )
 
@@ -151,10 +152,11 @@ def _key(row: Row, keys: KeyCache) -> str | UserError:
     (to be remembered for this load), not raised."""
     if row.image is None or row.image == b"":
         return UserError(f"{row.record}: no image (missing or empty)")
+    record = named(row.record, row.image)
     try:
         data = read_source(row.image)
     except (OSError, KeyError) as error:
-        return UserError(f"{row.record}: cannot read image: {error}")
+        return UserError(f"{record}: cannot read image: {error}")
     digest = hashlib.sha256(data).hexdigest()
     known = keys.get(digest)
     if known is not None:
@@ -162,7 +164,7 @@ def _key(row: Row, keys: KeyCache) -> str | UserError:
         if width * height <= tasks.base.MAX_IMAGE_PIXELS:  # the bound holds today, not only when cached
             return key
     try:
-        image = decode_image(data, row.record)
+        image = decode_image(data, record)
     except UserError as error:
         return error
     key = image_key(image)

@@ -74,7 +74,7 @@ class DataSpec:
 
     def describe(self) -> str:
         """The mapping and filter in words, for logs and the report."""
-        parts = [f"{role}={column}" for role, column in self.columns.items() if column != role]
+        parts = [f"{role}={self.columns[role]}" for role in ROLES if self.columns.get(role, role) != role]
         text = f"columns {', '.join(parts)}" if parts else ""
         if self.filter:
             kept = "; ".join(f"{column} in {{{', '.join(values)}}}" for column, values in self.filter.items())

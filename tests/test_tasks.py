@@ -355,7 +355,7 @@ def test_bad_image_names_the_record(tmp_path: Path, image: int, why: str) -> Non
     rows = [r for r in records(10) if r["image"] in {"img0.png", "img1.png", f"img{image}.png"}]
     write_table(folder / "train.json", rows)
     # records 0-5 are about img0 and img1; record 6 is the first about the bad image
-    with pytest.raises(UserError, match=rf"train\.json record 6: cannot read image: .*{why}"):
+    with pytest.raises(UserError, match=rf"train\.json record 6 \(img{image}\.png\): cannot read image: .*{why}"):
         VQARad(data=str(folder)).load_split("train")
 
 
@@ -372,7 +372,7 @@ def test_skip_bad_images_counts_them(tmp_path: Path, caplog: pytest.LogCaptureFi
 def test_image_over_the_pixel_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tasks.base, "MAX_IMAGE_PIXELS", 200)  # a 24x16 image has 384
     folder = image_folder(tmp_path / "rad")
-    with pytest.raises(UserError, match=r"train\.json record 0: image is 24x16 pixels"):
+    with pytest.raises(UserError, match=r"train\.json record 0 \(img0\.png\): image is 24x16 pixels"):
         VQARad(data=str(folder)).load_split("train")
     skipping = VQARad(data=str(folder), skip_bad_images=True)
     with pytest.raises(UserError, match="from 0 image"):
