@@ -197,5 +197,25 @@ def report(sweep: str, overrides: tuple[str, ...], tracking_uri: str | None, out
     pipeline.report(sweep, tracking_uri, out, say=click.echo)
 
 
+@main.command()
+@click.argument("name")
+@click.option("--to", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="A folder to download into (then pass it as trial.data or trial.model) [default: the HF cache, "
+                   "which HF_HUB_OFFLINE=1 runs read].")
+@click.option("--revision", default=None, help="A branch, tag or commit [default: the task's pinned revision, or main].")
+@click.option("--from", "mirror", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Copy from a folder in the hub's layout instead of the hub (a disk carried into the air gap).")
+def fetch(name: str, to: Path | None, revision: str | None, mirror: Path | None) -> None:
+    """Fetch NAME — a task's dataset (vqa_rad, slake, path_vqa) or a model hub id — for a cluster without
+    internet, at one commit, with every file's sha256 recorded in FETCHED.json."""
+    from runner.fetch import fetch as fetch_files
+
+    folder, record = fetch_files(name, to=to, revision=revision, mirror=mirror)
+    click.echo(f"{record['repo_type']} {record['repo_id']} ({record['commit']}): {len(record['sha256'])} files in "
+               f"{folder}; checksums in FETCHED.json")
+    use = f"trial.data={folder}" if record["repo_type"] == "dataset" else f"trial.model={folder}"
+    click.echo(f"offline: HF_HUB_OFFLINE=1 runner tune SPACE.yaml{'' if to is None else ' ' + use}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,17 +17,29 @@ from runner.tracking.client import (
     Tracker,
 )
 
-# Published VQA-RAD results, for orientation only (BLEU-1 / F1, %). Our rows are never mixed in.
-REFERENCE = [
-    ("Prior specialist SOTA", "71.03", "–", "Med-PaLM M (Tu et al., 2023), Table 2"),
-    ("PaLM-E 84B", "59.19", "38.67", "Med-PaLM M, Table 2"),
-    ("Med-PaLM M 12B", "64.02", "50.66", "Med-PaLM M, Table 2"),
-    ("Med-PaLM M 84B", "69.38", "59.90", "Med-PaLM M, Table 2"),
-    ("Med-PaLM M 562B", "71.27", "62.06", "Med-PaLM M, Table 2"),
-    ("BLIP-2 Flan-T5-XL zero-shot (seed study)", "0.44*", "0.70", "the seed study"),
-    ("BLIP-2 Flan-T5-XL one-shot (seed study)", "2.54*", "3.86", "the seed study"),
-    ("BLIP-2 Flan-T5-XL LoRA (seed study)", "26.16*", "26.16", "the seed study"),
+# Published results, for orientation only (BLEU-1 / F1, %), by the dataset names of the paper's Table 2.
+# Our rows are never mixed in; a task that is none of these datasets gets no reference table.
+MED_PALM_M = "Tu et al., *Towards Generalist Biomedical AI* (Med-PaLM M), arXiv:2307.14334, Table 2"
+BLIP2_VQA_RAD = "the original BLIP-2 VQA-RAD reproduction project (BLIP-2 Flan-T5-XL, LoRA)"
+TABLE_2 = {  # model: (VQA-RAD, Slake-VQA, Path-VQA), each (BLEU-1, F1)
+    "Prior specialist SOTA": (("71.03", "–"), ("78.60", "78.10"), ("70.30", "58.40")),
+    "PaLM-E 84B": (("59.19", "38.67"), ("52.65", "24.53"), ("54.92", "29.68")),
+    "Med-PaLM M 12B": (("64.02", "50.66"), ("90.77", "86.22"), ("68.97", "57.24")),
+    "Med-PaLM M 84B": (("69.38", "59.90"), ("92.70", "89.28"), ("70.16", "59.51")),
+    "Med-PaLM M 562B": (("71.27", "62.06"), ("91.64", "87.50"), ("72.27", "62.69")),
+}
+BENCHMARKS = ("VQA-RAD", "Slake-VQA", "Path-VQA")
+REFERENCE = {
+    benchmark: [(model, *scores[i], MED_PALM_M) for model, scores in TABLE_2.items()]
+    for i, benchmark in enumerate(BENCHMARKS)
+}
+REFERENCE["VQA-RAD"] += [
+    ("BLIP-2 Flan-T5-XL zero-shot", "0.44*", "0.70", BLIP2_VQA_RAD),
+    ("BLIP-2 Flan-T5-XL one-shot", "2.54*", "3.86", BLIP2_VQA_RAD),
+    ("BLIP-2 Flan-T5-XL LoRA", "26.16*", "26.16", BLIP2_VQA_RAD),
 ]
+FOOTNOTE = {"VQA-RAD": "\\* The BLIP-2 reproduction's \"BLEU-1\" is clipped unigram precision without the brevity "
+                       "penalty; ours (nltk `sentence_bleu`, weights (1,)) includes it, so short answers score lower here."}
 STAGE_METRICS = [("bleu1", "BLEU-1"), ("token_f1", "F1"), ("exact_match", "EM"),
                  ("closed_accuracy", "closed acc"), ("open_recall", "open recall"),
                  ("shuffled_exact_match", "shuffled-image EM")]
@@ -159,13 +171,7 @@ def write_report(tracker: Tracker, sweep_run_id: str, out_dir: Path) -> Path:
         "",
         markdown_table(["stage", *(label for _, label in STAGE_METRICS)], stage_rows),
         "",
-        "## Published VQA-RAD results (reference only; not comparable unless the task above is vqa_rad)",
-        "",
-        markdown_table(["model", "BLEU-1", "F1", "source"], [list(row) for row in REFERENCE]),
-        "",
-        "\\* The seed study's \"BLEU-1\" is clipped unigram precision without the brevity penalty; ours "
-        "(nltk `sentence_bleu`, weights (1,)) includes it, so short answers score lower here.",
-        "",
+        *reference_section(config),
         "## Figures",
         "",
         *(f"![{name}]({path.name})" for name, path in figures.items()),
@@ -177,11 +183,49 @@ def write_report(tracker: Tracker, sweep_run_id: str, out_dir: Path) -> Path:
     return report
 
 
+def reference_section(config: SweepConfig) -> list[str]:
+    """The published table for the swept dataset, or a plain sentence that there is none."""
+    from runner.errors import UserError
+    from tasks import TASKS, get_task
+
+    trial = config.trial
+    benchmark = getattr(TASKS.get(trial.task), "benchmark", None)
+    try:
+        task = get_task(trial.task, data=trial.data)
+        data = task.describe() if hasattr(task, "describe") else f"task `{trial.task}`"
+    except UserError:
+        data = f"task `{trial.task}`"
+    if benchmark is None:
+        known = ", ".join(BENCHMARKS)
+        return ["## Published results", "",
+                f"None shown: the swept data ({data}) is none of the datasets of the Med-PaLM M paper's "
+                f"Table 2 ({known}), so no published number is comparable with ours.", ""]
+    return [f"## Published {benchmark} results (reference only: the Med-PaLM M paper's Table 2, %)", "",
+            f"Our data: {data}. The published rows are on each dataset's full test split.", "",
+            markdown_table(["model", "BLEU-1", "F1", "source"], [list(row) for row in REFERENCE[benchmark]]), "",
+            *([FOOTNOTE[benchmark], ""] if benchmark in FOOTNOTE else [])]
+
+
+def log_ticks(ax) -> None:
+    """A log axis labelled 1e-4, 2e-4, 5e-4 ... (matplotlib's own labels vanish within one decade)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    def label(value: float, _position) -> str:
+        exponent = math.floor(math.log10(value) + 1e-9)
+        return f"{round(value / 10 ** exponent, 2):g}e{exponent}"
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metric, keys = config.metric, list(config.space)
     figures = {}
@@ -192,7 +236,9 @@ def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: 
                   for run in record.trials if key in run.data.params]
         ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue")
         if key == "learning_rate":
-            ax.set_xscale("log")
+            log_ticks(ax)
+        elif all(p[0] == int(p[0]) for p in points):  # rank, sample count: no 4.5
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {metric}")
         ax.grid(alpha=0.3)
@@ -207,6 +253,8 @@ def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: 
             ax.plot([s for s, _ in steps], [v for _, v in steps], marker="o", label=label)
     left.set(xlabel="epoch", ylabel=metric, title="validation")
     right.set(xlabel="epoch", ylabel="train loss", title="training")
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 1, 2, not 1.25
     left.legend(fontsize=7)
     figures["learning curves"] = save(fig, out_dir / "curves.png")
 

@@ -2,15 +2,22 @@
 
 A task knows its data (splits, loading from a hub id or a local path, offline), how to phrase a
 prompt (zero-shot or with a one-shot exemplar), how to normalise answers and which questions are
-closed (yes/no). Metrics are computed by `runner.metrics` from predictions and these facts.
+closed. Metrics are computed by `runner.metrics` from predictions and these facts.
+
+A split's images are an `ImageStore`: each image is kept as its source (a file, a zip member, a row of
+a memory-mapped table) and decoded when asked for, so a 5,000-image dataset does not sit decoded in
+memory, and images whose features are already cached are never decoded at all.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -28,15 +35,112 @@ class Example:
     image_key: str  # sha256 of the decoded RGB pixels: images are shared by many questions
     question: str
     answer: str
+    closed: bool | None = None  # from the dataset's own answer-type column; None: judged by the answer
+
+
+@dataclass(frozen=True)
+class ZipMember:
+    """An image inside a zip archive (SLAKE ships its images as imgs.zip)."""
+
+    archive: str
+    member: str
+
+
+@dataclass(frozen=True)
+class TableCell:
+    """An image cell of a row of a `datasets.Dataset` (memory-mapped: reading it costs no RAM to keep)."""
+
+    table: Any  # datasets.Dataset with the image column cast to Image(decode=False)
+    column: str
+    row: int
+
+
+ImageSource = bytes | str | ZipMember | TableCell  # encoded bytes, a file path, a zip member, a table cell
+
+
+@functools.lru_cache(maxsize=16)
+def _open_zip(archive: str) -> zipfile.ZipFile:
+    return zipfile.ZipFile(archive)  # kept open: thousands of members are read from one archive
+
+
+def read_source(source: ImageSource) -> bytes:
+    """The encoded bytes of an image source (OSError/KeyError when it cannot be read)."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source)
+    if isinstance(source, str):
+        with open(source, "rb") as file:
+            return file.read()
+    if isinstance(source, ZipMember):
+        return _open_zip(source.archive).read(source.member)
+    cell = source.table[source.row][source.column]
+    if isinstance(cell, dict) and cell.get("bytes"):
+        return cell["bytes"]
+    if isinstance(cell, (bytes, bytearray)):
+        return bytes(cell)
+    raise OSError(f"row {source.row} column {source.column} holds no image bytes")
+
+
+def source_name(source: ImageSource) -> str:
+    """The file an image comes from, for errors (empty for bytes held in a table)."""
+    if isinstance(source, str):
+        return source
+    if isinstance(source, ZipMember):
+        return f"{source.archive}:{source.member}"
+    return ""
+
+
+def named(record: str, source: ImageSource) -> str:
+    """`record`, with the image's file when it has one: "train.json record 3 (imgs/a.png)"."""
+    name = source_name(source)
+    if not name or name in record:
+        return record
+    folder = record.split(" ")[0].rpartition("/")[0]  # the table's folder: say the rest only
+    return f"{record} ({name.removeprefix(folder + '/') if folder else name})"
+
+
+class ImageStore(Mapping[str, Image.Image]):
+    """Images by key, each decoded (to RGB) when it is looked up and not kept: iterate, don't collect.
+
+    `records` names each image's first record, for errors ("train.json record 3: cannot read image").
+    """
+
+    def __init__(self, sources: dict[str, ImageSource], records: dict[str, str]):
+        self._sources = sources
+        self._records = records
+
+    def __getitem__(self, key: str) -> Image.Image:
+        source = self._sources[key]
+        record = named(self._records[key], source)
+        try:
+            data = read_source(source)
+        except (OSError, KeyError) as error:
+            from runner.errors import UserError
+
+            raise UserError(f"{record}: cannot read image: {error}") from error
+        return decode_image(data, record)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def select(self, keys: Iterable[str]) -> ImageStore:
+        """The images of `keys` only (still undecoded)."""
+        keys = [key for key in dict.fromkeys(keys) if key in self._sources]
+        return ImageStore({k: self._sources[k] for k in keys}, {k: self._records[k] for k in keys})
+
+    def __or__(self, other: ImageStore) -> ImageStore:
+        return ImageStore({**other._sources, **self._sources}, {**other._records, **self._records})
 
 
 @dataclass
 class Split:
-    """A split of a task: examples plus the RGB images they refer to (each stored once)."""
+    """A split of a task: examples plus the RGB images they refer to (each stored once, decoded lazily)."""
 
     name: str
     examples: list[Example]
-    images: dict[str, Image.Image]
+    images: ImageStore
     skipped: int = 0  # records dropped: bad images (with skip_bad_images) and exact duplicates
     fingerprint: str = field(default="")  # sha256 over (image_key, question, answer) in order
 
@@ -46,15 +150,17 @@ class Split:
 
 
 def fingerprint(examples: list[Example]) -> str:
-    """sha256 over (image, question, answer) in order: equal fingerprints, equal questions."""
+    """sha256 over (image, question, answer[, closed]) in order: equal fingerprints, equal questions."""
     digest = hashlib.sha256()
     for ex in examples:
-        digest.update(f"{ex.image_key}\x1f{ex.question}\x1f{ex.answer}\x1e".encode())
+        # A dataset's own closed/open label counts too; without one the digest is as it always was.
+        closed = "" if ex.closed is None else f"\x1f{'closed' if ex.closed else 'open'}"
+        digest.update(f"{ex.image_key}\x1f{ex.question}\x1f{ex.answer}{closed}\x1e".encode())
     return digest.hexdigest()
 
 
 class Task(Protocol):
-    """What every task module provides (see tasks/easy_vqa.py, tasks/vqa_rad.py)."""
+    """What every task module provides (see tasks/easy_vqa.py, tasks/vqa.py)."""
 
     name: str
 
@@ -67,8 +173,8 @@ class Task(Protocol):
     def normalize_answer(self, answer: str) -> str:
         """Canonical form used for training targets and for scoring."""
 
-    def is_closed(self, answer: str) -> bool:
-        """True for closed (yes/no) questions, judged by the reference answer."""
+    def is_closed(self, example: Example) -> bool:
+        """True for closed questions: the dataset's own answer type where it has one, else a yes/no answer."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

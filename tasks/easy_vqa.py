@@ -32,7 +32,11 @@ class EasyVQA(VQATask):
 
     name: ClassVar[str] = "easy_vqa"
 
-    def _load_source(self, split: str) -> Split:
+    def _load_source(self, split: str) -> Split | None:
+        if split == "validation":
+            return None  # carved from train
+        if self.data is not None and not isinstance(self.data, str):
+            raise UserError(f"trial.data: task easy_vqa takes a folder path, got {self.data!r}")
         root = Path(self.data) if self.data is not None else package_data()
         questions_file = root / split / "questions.json"
         if not questions_file.is_file():

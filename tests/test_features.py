@@ -113,9 +113,11 @@ def test_trials_starting_together_compute_each_image_once(tiny_model, tmp_path):
     keys = sorted(split.images)[:24]
     wanted = [{key: split.images[key] for key in keys[:16]}, {key: split.images[key] for key in keys[8:]}]
     start, results = threading.Barrier(2), [None, None]
+    # Loaded one after the other: transformers' from_pretrained is not thread-safe (its meta-device context).
+    loaded = [load_blip2(str(tiny_model), "fp32", CPU) for _ in range(2)]
 
     def trial(index: int) -> None:
-        model, processor = load_blip2(str(tiny_model), "fp32", CPU)
+        model, processor = loaded[index]
         cache = feature_cache(tmp_path, str(tiny_model), None, "fp32", torch.float32, model, processor)
         sizes = images_computed(model)
         start.wait()

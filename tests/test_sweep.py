@@ -113,7 +113,7 @@ frame = pd.DataFrame({"image": [png(test.images[e.image_key]) for e in examples]
                       "question": [e.question for e in examples]})
 answers = model.predict(frame)
 print(json.dumps(metrics.score(answers, [task.normalize_answer(e.answer) for e in examples],
-                               [task.is_closed(e.answer) for e in examples])))
+                               [task.is_closed(e) for e in examples])))
 """
 
 

@@ -187,7 +187,10 @@ def test_closed_and_open() -> None:
     assert is_closed("Yes") and is_closed(" no. ") and is_closed("YES")
     assert not is_closed("left") and not is_closed("yes, left") and not is_closed("")
     task = get_task("vqa_rad")
-    assert task.is_closed("No") and not task.is_closed("liver")
+    assert task.is_closed(Example("k", "q?", "No")) and not task.is_closed(Example("k", "q?", "liver"))
+    # The dataset's own answer type wins over the answer's form.
+    assert task.is_closed(Example("k", "q?", "liver", closed=True))
+    assert not task.is_closed(Example("k", "q?", "yes", closed=False))
 
 
 def test_prompts() -> None:
@@ -276,11 +279,11 @@ def test_loaded_splits_are_cached_and_fingerprinted(tmp_path: Path) -> None:
 
 
 def test_unknown_task_and_split() -> None:
-    with pytest.raises(UserError, match=r"'nope'.*easy_vqa, vqa_rad"):
+    with pytest.raises(UserError, match=r"'nope'.*easy_vqa, path_vqa, slake, vqa, vqa_rad"):
         get_task("nope")
     with pytest.raises(UserError, match="'dev'"):
         get_task("easy_vqa").load_split("dev")
-    assert set(TASKS) == {"easy_vqa", "vqa_rad"}
+    assert set(TASKS) == {"easy_vqa", "vqa_rad", "slake", "path_vqa", "vqa"}
     task = get_task("vqa_rad", data="d", skip_bad_images=True, val_fraction=0.2, seed=3)
     assert task == VQARad(data="d", skip_bad_images=True, val_fraction=0.2, seed=3)
     assert isinstance(get_task("easy_vqa"), EasyVQA) and get_task("easy_vqa").name == "easy_vqa"
@@ -293,30 +296,32 @@ def test_missing_path(tmp_path: Path) -> None:
 
 
 def test_folder_without_data(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"no VQA-RAD data for split train"):
+    with pytest.raises(UserError, match=r"no data for split train"):
         VQARad(data=str(tmp_path)).load_split("train")
 
 
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     pq.write_table(pa.table({"image": [b"x"], "query": ["q"]}), tmp_path / "train-0.parquet")
-    with pytest.raises(UserError, match=r"train-0\.parquet: missing columns question, answer"):
+    with pytest.raises(UserError, match=r"train-0\.parquet: no column 'question' \(question\), 'answer' \(answer\) "
+                                        r"\(has: image, query\)"):
         VQARad(data=str(tmp_path)).load_split("train")
 
     folder = image_folder(tmp_path / "csv", form="csv")
     write_table(folder / "train.csv", [{"image": "img0.png", "question": "q"}])
-    with pytest.raises(UserError, match=r"train\.csv: missing columns answer"):
+    with pytest.raises(UserError, match=r"train\.csv: no column 'answer' \(answer\)"):
         VQARad(data=str(folder)).load_split("train")
 
     folder = image_folder(tmp_path / "json")
-    write_table(folder / "train.json", [{"image": "img0.png", "answer": "yes"}])
-    with pytest.raises(UserError, match=r"train\.json record 0: missing columns question"):
+    write_table(folder / "train.json", [{"image": "img0.png", "question": "q", "answer": "yes"},
+                                        {"image": "img0.png", "answer": "yes"}])
+    with pytest.raises(UserError, match=r"train\.json record 1: missing column 'question'"):
         VQARad(data=str(folder)).load_split("train")
 
 
 def test_image_column_without_images(tmp_path: Path) -> None:
     pq.write_table(pa.table({"image": [1], "question": ["q"], "answer": ["a"]}),
                    tmp_path / "train.parquet")
-    with pytest.raises(UserError, match=r"train\.parquet: column image does not hold images"):
+    with pytest.raises(UserError, match=r"train\.parquet: column 'image' \(image\) does not hold images"):
         VQARad(data=str(tmp_path)).load_split("train")
 
 
@@ -350,7 +355,7 @@ def test_bad_image_names_the_record(tmp_path: Path, image: int, why: str) -> Non
     rows = [r for r in records(10) if r["image"] in {"img0.png", "img1.png", f"img{image}.png"}]
     write_table(folder / "train.json", rows)
     # records 0-5 are about img0 and img1; record 6 is the first about the bad image
-    with pytest.raises(UserError, match=rf"train\.json record 6: cannot read image: .*{why}"):
+    with pytest.raises(UserError, match=rf"train\.json record 6 \(img{image}\.png\): cannot read image: .*{why}"):
         VQARad(data=str(folder)).load_split("train")
 
 
@@ -367,7 +372,7 @@ def test_skip_bad_images_counts_them(tmp_path: Path, caplog: pytest.LogCaptureFi
 def test_image_over_the_pixel_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tasks.base, "MAX_IMAGE_PIXELS", 200)  # a 24x16 image has 384
     folder = image_folder(tmp_path / "rad")
-    with pytest.raises(UserError, match=r"train\.json record 0: image is 24x16 pixels"):
+    with pytest.raises(UserError, match=r"train\.json record 0 \(img0\.png\): image is 24x16 pixels"):
         VQARad(data=str(folder)).load_split("train")
     skipping = VQARad(data=str(folder), skip_bad_images=True)
     with pytest.raises(UserError, match="from 0 image"):
@@ -441,20 +446,33 @@ def test_easy_vqa_counts(easy_vqa_splits: dict[str, tasks.base.Split]) -> None:
     assert make_prompt(train.examples[0].question).startswith("Question: ")
 
 
-def test_hub_id_and_revision(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hub path is exercised with `load_dataset` faked (no network here)."""
+def test_hub_id_and_revision(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The hub path: `snapshot_download` faked with a folder in the hub's layout (no network here)."""
+    import huggingface_hub
+
     calls = []
 
-    def fake_load_dataset(path: str, **kwargs: str) -> datasets.Dataset:
-        calls.append((path, kwargs["revision"], kwargs["split"]))
-        if path == "owner/offline":
-            raise ConnectionError("Couldn't reach 'owner/offline' on the Hub")
-        return hub_dataset(10) if kwargs["split"] == "train" else hub_dataset(4, offset=100)
+    def fake_snapshot_download(repo_id: str, **kwargs) -> str:
+        calls.append((repo_id, kwargs["revision"], kwargs["repo_type"]))
+        folder = tmp_path / repo_id.replace("/", "--") / "data"
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            hub_dataset(10).to_parquet(folder / "train-00000-of-00001.parquet")
+            hub_dataset(4, offset=100).to_parquet(folder / "test-00000-of-00001.parquet")
+        return str(folder.parent)
 
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     check_task(VQARad())
-    assert calls == [(HUB_ID, HUB_REVISION, "train"), (HUB_ID, HUB_REVISION, "test")]
+    assert calls == [(HUB_ID, HUB_REVISION, "dataset")]  # one snapshot, read for every split
     VQARad(data="someone/vqa-rad-copy@0123abc").load_split("test")
-    assert calls[-1] == ("someone/vqa-rad-copy", "0123abc", "test")
-    with pytest.raises(UserError, match=r"owner/offline@main split train .*Couldn't reach"):
+    assert calls[-1] == ("someone/vqa-rad-copy", "0123abc", "dataset")
+
+
+def test_hub_unreachable_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real `snapshot_download`, offline (as on an air-gapped cluster with nothing fetched)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(UserError, match=r"cannot get dataset owner/offline@main from the hub .*runner fetch"):
         VQARad(data="owner/offline").load_split("train")

@@ -73,9 +73,11 @@ class TrialConfig(Checked):
 
     # --- data
     task: str = "easy_vqa"
-    """Task name (see `tasks.TASKS`): `easy_vqa` (offline quick-start) or `vqa_rad`."""
-    data: str | None = None
-    """Where the task's data lives: None for its default (hub id or bundled package), else a local path."""
+    """Task name (see `tasks.TASKS`): `easy_vqa` (offline quick-start), `vqa_rad`, `slake`, `path_vqa`, or `vqa`
+    (your own data, named by `data`)."""
+    data: str | dict | None = None
+    """Where the task's data lives: None for its default (hub id or bundled package), a local path or hub id, or
+    a mapping {path, columns, filter, images} (tasks/vqa.py: your own data's column names, e.g. a language filter)."""
     n_samples: int | None = None
     """Training questions per epoch, drawn by a seeded shuffle of the train split; None = all."""
     val_fraction: float = 0.1

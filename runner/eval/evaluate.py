@@ -76,7 +76,7 @@ def evaluate(
     own = [ex.image_key for ex in examples]
     predictions = generate(model, processor, task, examples, own, features, **kwargs)
     references = [task.normalize_answer(ex.answer) for ex in examples]
-    closed = [task.is_closed(ex.answer) for ex in examples]
+    closed = [task.is_closed(ex) for ex in examples]
     scores = metrics.score(predictions, references, closed)
     rows = [
         {"question": ex.question, "answer": ref, "prediction": pred, "closed": is_closed, "image_key": ex.image_key}
@@ -148,7 +148,7 @@ class SplitScorer:
         dtype = compute_dtype(config.precision, self.device)
         vision_only = adapter is not None and adapter_trains_qformer(adapter_dir(adapter))
         self.features = compute_image_features(
-            self.model, self.processor, {k: v for k, v in data.images.items() if k in needed}, self.device, dtype,
+            self.model, self.processor, data.images.select(needed), self.device, dtype,
             config.eval_batch_size, trial_feature_cache(config, dtype, self.model, self.processor, vision_only),
             vision_only=vision_only)
         # After the features: a Q-Former adapter then applies in `language_inputs`. PEFT injects LoRA into

@@ -121,7 +121,7 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
     # 3. Model, then 4. the frozen image path's features (once per image, from the node's cache if there).
     base, processor = load_blip2(config.model, config.precision, device, config.model_revision)
     needed = {ex.image_key for ex in train_examples + val_examples}
-    images = {key: img for split in (train_split, val_split) for key, img in split.images.items() if key in needed}
+    images = (train_split.images | val_split.images).select(needed)  # decoded one batch at a time, if not cached
     features = compute_image_features(base, processor, images, device, dtype, batch_size=config.eval_batch_size,
                                       cache=trial_feature_cache(config, dtype, base, processor, config.trains_qformer),
                                       vision_only=config.trains_qformer)
