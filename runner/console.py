@@ -60,7 +60,9 @@ def worker_env(verbose: bool) -> dict[str, str]:
     return {VERBOSE_ENV: "0",
             "MLFLOW_LOGGING_LEVEL": "WARNING",  # "Creating initial MLflow database tables..." and the like
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per download, even of 10 small files
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Loading weights" bar follows this switch
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar follows this switch
+            # Tune's classic output, silent at verbosity 0; the newer one prints its config box regardless.
+            "RAY_AIR_NEW_OUTPUT": "0"}
 
 
 class HarmlessRecords(logging.Filter):

@@ -28,17 +28,18 @@ class SweepProgress(tune.Callback):
     def __init__(self, keys: list[str], metric: str, epochs: int, say: Callable[[str], None] = print):
         self.keys, self.metric, self.epochs, self.say = keys, metric, epochs, say
         self.columns = ["trial", *keys, "epoch", metric, "shuffled EM", "loss", "samples/s", "status"]
-        self.widths = [max(len(c), 11) for c in self.columns]
-        self.widths[0] = 12
+        self.widths = [max(len(c), 7) for c in self.columns]
+        self.widths[0] = 11  # Tune's trial ids: 5 hex + _ + 5 digits
         self._header_said = False
         self._epochs: dict[str, int] = {}
 
-    def row(self, trial, result: dict, status: str) -> None:
+    def row(self, trial, result: dict, status: str, settled: bool = False) -> None:
+        """A trial's epoch row; `settled`: only its final status (the numbers are in the row above)."""
         epoch = int(result.get("epoch", 0) or 0)
+        values = [number(result.get(key)) for key in
+                  (self.metric, "val_shuffled_exact_match", "train_loss", "train_samples_per_second")]
         cells = [trial.trial_id, *(number(trial.config.get(k)) for k in self.keys),
-                 f"{epoch}/{self.epochs}" if epoch else "–", number(result.get(self.metric)),
-                 number(result.get("val_shuffled_exact_match")), number(result.get("train_loss")),
-                 number(result.get("train_samples_per_second")), status]
+                 f"{epoch}/{self.epochs}" if epoch else "–", *([""] * 4 if settled else values), status]
         if not self._header_said:
             self.say("  ".join(c.ljust(w) for c, w in zip(self.columns, self.widths)).rstrip())
             self._header_said = True
@@ -55,12 +56,12 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         done = self._epochs.get(trial.trial_id, 0) >= self.epochs
-        self.row(trial, trial.last_result or {}, "TERMINATED" if done else "STOPPED_EARLY")
+        self.row(trial, trial.last_result or {}, "TERMINATED" if done else "STOPPED_EARLY", settled=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         from runner.tracking.callback import trial_error
 
-        self.row(trial, trial.last_result or {}, "FAILED")
+        self.row(trial, trial.last_result or {}, "FAILED", settled=True)
         self.say(f"  trial {trial.trial_id} failed: {trial_error(trial)[:300]}")
 
 
