@@ -42,8 +42,6 @@ HARMLESS_RECORDS = (
 HARMLESS_WARNINGS = (
     (r"`is_gradient_checkpointing` is deprecated", FutureWarning,
      "PEFT 0.21 asks transformers 5 by the old name; the answer is the same"),
-    (r"(\x1b\[\d+m)?Add type hints to the `predict` method", UserWarning,
-     "MLflow's advice for our pyfunc, which takes a DataFrame (image, question) and checks it itself"),
     (r"MatMul8bitLt: inputs will be cast from", UserWarning,
      "older bitsandbytes warn instead of logging (see HARMLESS_RECORDS)"),
 )

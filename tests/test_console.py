@@ -25,7 +25,7 @@ def test_known_harmless_warnings_are_stopped_and_a_real_one_still_shows():
         warnings.simplefilter("always")
         console.stop_harmless()
         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("\x1b[33mAdd type hints to the `predict` method to enable data validation\x1b[0m", UserWarning)
+        warnings.warn("MatMul8bitLt: inputs will be cast from torch.float32 to float16", UserWarning)
         warnings.warn("`use_cache` is deprecated and will be removed in v6.", FutureWarning)  # not on the list
         warnings.warn("`is_gradient_checkpointing` is deprecated", DeprecationWarning)  # same text, other kind
     assert [(w.category, str(w.message)) for w in caught] == [
