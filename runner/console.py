@@ -106,6 +106,7 @@ def setup(verbose: bool) -> None:
         handler.addFilter(Console())
         stop_harmless()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    logging.getLogger(OURS).setLevel(logging.DEBUG)  # our debug lines reach the sweep's log file
 
 
 def log_to(path: Path) -> Path:
