@@ -28,8 +28,8 @@ HARMLESS_RECORDS = (
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
      "an optional CPU kernel for 4-bit weights, said at import; nf4 never runs on CPU here"),
     ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from",
-     "said on every int8 matmul: PEFT keeps the non-int8 weights in fp32, so activations arrive in fp32 "
-     "and are cast as designed (97,455 lines in one 4-trial GPU sweep)"),
+     "said on every int8 matmul whose activations are not fp16 (bf16 or fp32 ones are cast, as designed): "
+     "97,455 lines in one 4-trial GPU sweep"),
     ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
      "Detected that the Ray Train controller actor",
      "said after every trial, once its Train controller has exited; the cleaner then frees the placement group"),
