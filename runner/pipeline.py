@@ -22,24 +22,29 @@ def tune(config: SweepConfig, *, address: str | None, resume: bool, command: str
     from runner.report import trials_table
     from runner.sweep.tuner import run_sweep
 
-    outcome = run_sweep(config, address=address, resume=resume, command=command)
+    outcome = run_sweep(config, address=address, resume=resume, command=command, say=say)
     say(trials_table(outcome.results, config))
     if promote:
         after_sweep(config, address=address, say=say)
-    say(mlflow_hint(config.tracking_uri or default_store(), outcome.sweep_run_id))
+    # The same space and overrides find the same store and sweep.
+    say_links(state.read(config), config.metric,
+              command.replace("runner tune", "runner ui", 1).removesuffix(" --resume"), say)
 
 
 def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
     """Promotion, the stage runs and the report, holding the model's lock (concurrent calls run one after
     the other). Test scoring asks Ray for the trials' own resources, so on a cluster it runs on a GPU
     worker; on CPU it runs in this process (no Ray needed)."""
+    from runner import console
     from runner.eval.held_out import TestScorer
     from runner.registry.promote import best_trial_run, promote, promotion_lock
     from runner.registry.stages import compare_stages
+    from runner.report import stage_table
     from runner.tracking.artifacts import download_checkpoint
     from runner.tracking.client import Tracker
 
     saved = state.read(config)
+    console.log_to(state.log_file(config))
     left = wait_for_tracking(config, saved, say)  # promotion reads what the sweep recorded
     if left:
         raise ServiceError(f"tracking_uri: MLflow at {saved['tracking_uri']} is unreachable and {left} updates of "
@@ -61,6 +66,7 @@ def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
         say(f"registered model: models:/{config.registered_model}/{outcome.version} "
             f"(champion: models:/{config.registered_model}@champion)")
         compare_stages(tracker, sweep_run_id=saved["sweep_run_id"], trial_run_id=best.info.run_id, scorer=scorer)
+    say(stage_table(tracker, saved["sweep_run_id"]))
     write_report(tracker, saved["sweep_run_id"], Path("runs") / "reports" / config.name, say)
 
 
@@ -100,7 +106,8 @@ def trial_runs(config: SweepConfig, saved: dict):
     from runner.tracking.callback import TrialRuns
 
     return TrialRuns(saved["tracking_uri"], saved["experiment"], saved["sweep_run_id"], config.metric, config.mode,
-                     config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config))
+                     config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config),
+                     saved.get("datasets"))
 
 
 def report(sweep: str, tracking_uri: str | None, out: Path | None, say: Say) -> None:
@@ -129,11 +136,77 @@ def evaluate(adapter: str | None, tracking_uri: str | None, options: dict[str, A
     return score_adapter(checkpoint.read_config(local, options), local, split, one_shot=one_shot)
 
 
-def mlflow_hint(tracking_uri: str, sweep_run_id: str) -> str:
-    """Where to look at the sweep: a server's own UI, or the line that serves a local store on loopback."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"MLflow: open {tracking_uri} (sweep run {sweep_run_id})"
-    return f"MLflow: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1  (sweep run {sweep_run_id})"
+def say_links(saved: dict, metric: str, ui_command: str, say: Say) -> None:
+    """Links that open the sweep in MLflow: on its server, or on the local store that `ui_command` serves."""
+    from runner.tracking.client import Tracker, ui_links
+
+    uri = saved["tracking_uri"]
+    experiment_id = Tracker(uri, saved["experiment"]).experiment_id
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+        say(f"MLflow at {base}:")
+    else:
+        base = f"http://127.0.0.1:{UI_PORT}"
+        say(f"MLflow: run `{ui_command}` (mlflow ui on this store, {base}), then open")
+    for what, link in ui_links(base, experiment_id, saved["sweep_run_id"], metric).items():
+        say(f"  {what}: {link}")
+
+
+UI_PORT = 5000  # mlflow ui's own default
+
+
+def ui(tracking_uri: str | None, sweep: str | None, port: int, say: Say) -> int:
+    """Serve a local store with `mlflow ui` on 127.0.0.1 and say the links that open the sweep's trials (the
+    newest sweep unless named); a server's URI is only linked. Returns when mlflow ui stops (Ctrl-C)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from runner.tracking.client import find_sweep, newest_sweep, ui_links
+
+    uri = tracking_uri or default_store()
+    run = find_sweep(uri, sweep)[1] if sweep else newest_sweep(uri)
+    if uri.startswith(("http://", "https://")):
+        base, process = uri.rstrip("/"), None
+    else:
+        base = f"http://127.0.0.1:{port}"
+        log_file = Path(tempfile.mkstemp(prefix="mlflow-ui-", suffix=".log")[1])
+        with log_file.open("w") as output:
+            process = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                        "--host", "127.0.0.1", "--port", str(port)],
+                                       stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180  # /health took ~13 s on two busy cores
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=5).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    if process.poll() is None:
+                        os.killpg(process.pid, signal.SIGTERM)
+                    tail = " | ".join(log_file.read_text().strip().splitlines()[-3:])
+                    raise ServiceError(f"--port {port}: mlflow ui did not start ({tail or 'no output'}; "
+                                       f"its log: {log_file})")
+                time.sleep(1)
+        say(f"mlflow ui on {base} serving {uri} (its log: {log_file}; Ctrl-C stops it)")
+    if run is None:
+        say(f"  no sweep in this store yet: {base}/#/experiments")
+    else:
+        say(f"sweep {run.data.tags.get('runner.sweep', run.info.run_name)}:")
+        for what, link in ui_links(base, run.info.experiment_id, run.info.run_id, run.data.params.get("metric")).items():
+            say(f"  {what}: {link}")
+    if process is None:
+        return 0
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        os.killpg(process.pid, signal.SIGTERM)  # mlflow ui and its server workers
+        process.wait(30)
+        return 0
 
 
 def default_store() -> str:

@@ -136,8 +136,8 @@ def write_report(tracker: Tracker, sweep_run_id: str, out_dir: Path) -> Path:
     tags = record.parent.data.tags
     metric, keys = config.metric, list(config.space)
     test_metric = "test_" + metric.removeprefix("val_")
-    fine_tuned = max((r for r in record.trials if test_metric in r.data.metrics),
-                     key=lambda r: r.data.metrics[test_metric], default=None)
+    stage_runs = stages_of(record, metric)
+    fine_tuned = stage_runs[-1][1]
 
     trial_rows = [[run.data.tags.get(TRIAL_TAG, run.info.run_id[:8]),
                    *(fmt(run.data.params.get(k, "–")) for k in keys),
@@ -147,10 +147,7 @@ def write_report(tracker: Tracker, sweep_run_id: str, out_dir: Path) -> Path:
                    run.data.tags.get(STATUS_TAG, run.info.status),
                    fmt(run.data.metrics.get(test_metric, math.nan))]
                   for run in record.trials]
-    stage_runs = [(name, record.stages.get(name)) for name in ("zero-shot", "one-shot")]
-    stage_runs.append(("fine-tuned (best trial)", fine_tuned))
-    stage_rows = [[name, *(pct(run.data.metrics.get(f"test_{key}")) if run else "–" for key, _ in STAGE_METRICS)]
-                  for name, run in stage_runs]
+    stage_rows = rows_of_stages(stage_runs)
     n_test = fine_tuned.data.metrics.get("test_n") if fine_tuned else None
 
     figures = draw_figures(record, config, stage_runs, out_dir)
@@ -218,6 +215,27 @@ def log_ticks(ax) -> None:
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(label))
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def stages_of(record: SweepRecord, metric: str) -> list[tuple[str, object]]:
+    """(stage, run or None) in order: zero-shot, one-shot, then the fine-tuned best trial (best on test)."""
+    test_metric = "test_" + metric.removeprefix("val_")
+    fine_tuned = max((r for r in record.trials if test_metric in r.data.metrics),
+                     key=lambda r: r.data.metrics[test_metric], default=None)
+    return [*((name, record.stages.get(name)) for name in ("zero-shot", "one-shot")),
+            ("fine-tuned (best trial)", fine_tuned)]
+
+
+def rows_of_stages(stage_runs: list[tuple[str, object]]) -> list[list[str]]:
+    return [[name, *(pct(run.data.metrics.get(f"test_{key}")) if run else "–" for key, _ in STAGE_METRICS)]
+            for name, run in stage_runs]
+
+
+def stage_table(tracker: Tracker, sweep_run_id: str) -> str:
+    """The stage comparison for the terminal (test split, %), from MLflow."""
+    config = logged_config(tracker, sweep_run_id)
+    stage_runs = stages_of(read_sweep(tracker, sweep_run_id, config.metric), config.metric)
+    return text_table(["stage (test, %)", *(label for _, label in STAGE_METRICS)], rows_of_stages(stage_runs))
 
 
 def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: Path) -> dict[str, Path]:

@@ -78,15 +78,17 @@ def store(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     (root / "mlruns").mkdir()
     common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "test_max_examples=300"]
-    outputs, timings = {}, {}
+    outputs, errors, timings = {}, {}, {}
     for name, extra in (("quickstart", QUICK), ("weak", WEAK)):
         started = time.time()
         result = run_cli("tune", SPACE, f"name={name}", *common, *extra, cwd=root, timeout=1200)
         assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
         outputs[name] = result.stdout
+        errors[name] = result.stderr
         timings[name] = round(time.time() - started, 1)
     (root / "timings.json").write_text(json.dumps(timings, indent=2))
-    return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs}
+    return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs,
+            "stderr": errors}
 
 
 # Trial order (a grid, one trial at a time): killed worker, diverging loss, good. (Running out of GPU memory
@@ -109,7 +111,9 @@ def faults(tiny_model, tmp_path_factory):
             "max_failures=1", "trial.epochs=2", "trial.max_eval_examples=100",
             "test_max_examples=200", "scheduler.type=none", FAULT_SPACE]
     timings, started = {}, time.time()
-    driver = cli_process("tune", *args, "--no-promote", cwd=root)
+    # -v: the test reads the Train workers' own lines (their pids, "resumed from"), which quiet mode keeps
+    # in Ray's log files.
+    driver = cli_process("-v", "tune", *args, "--no-promote", cwd=root)
     log = Collected(driver.stdout)
     killed_lr = str(FAULT_LRS["killed_worker"])
     killed_worker = None

@@ -7,12 +7,11 @@ parameters and `mlflow.transformers` would save all of it per version (mlflow is
 `image` (a path or bytes) and `question`, and returns one answer per row.
 """
 
-from __future__ import annotations
-
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 
 def pip_requirements() -> list[str]:
@@ -55,7 +54,10 @@ class Blip2LoraModel(mlflow.pyfunc.PythonModel):
         self.model = model.eval()
         self.task = get_task(self.trial.task, data=self.trial.data)
 
-    def predict(self, context, model_input, params=None) -> list[str]:
+    # The DataFrame hint (a real object: MLflow reads hints unevaluated, so no `from __future__ import
+    # annotations` here) says what predict takes; MLflow infers no schema from it and, unlike for an
+    # unannotated predict, does not warn at import.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> list[str]:
         from runner.eval.evaluate import generate
         from runner.model.features import compute_image_features
         from tasks.base import Example, decode_image, image_key

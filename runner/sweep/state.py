@@ -24,6 +24,11 @@ def failed_file(config: SweepConfig) -> Path:
     return config.state_dir / "mlflow_failed.jsonl"
 
 
+def log_file(config: SweepConfig) -> Path:
+    """The sweep driver's full log (every record, whatever the console showed), appended by each command."""
+    return config.state_dir / "runner.log"
+
+
 def exists(config: SweepConfig) -> bool:
     return state_file(config).exists()
 

@@ -38,6 +38,8 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from runner import console
+
     config = build(TrialConfig, {**base, **sampled}, "trial")
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
@@ -53,6 +55,8 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
             storage_path=storage_path,
             callbacks=[TuneReportCallback()],
             failure_config=train.FailureConfig(max_failures=max_failures, controller_failure_limit=2),
+            # Ray Train's INFO lines (worker group start, every checkpoint and report) stay in its log files.
+            logging_config=train.LoggingConfig(log_level="INFO" if console.is_verbose() else "WARNING"),
         ),
     )
     result = trainer.fit()
@@ -62,6 +66,9 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """What the Ray Train worker runs: `train_trial`, resuming from Ray's latest checkpoint if any."""
+    from runner import console
+
+    console.quiet_train_worker()  # before the imports below: bitsandbytes speaks when imported
     import torch
 
     from runner.errors import UserError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,13 @@ class SweepOutcome:
 
 def connect(address: str | None) -> dict[str, float]:
     """Start a local Ray cluster (address None) or join one; return its resources."""
+    from runner import console
+
     if address is None:
         # A throwaway local cluster needs no token; a real cluster keeps Ray's token auth.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Nothing preempts a local machine, and the watcher's actor makes Ray core log an error per trial.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # A resumed trial whose Train run had already finished returns without reporting again; Tune's
     # strict check would turn that into an error for the whole sweep.
@@ -46,10 +51,16 @@ def connect(address: str | None) -> dict[str, float]:
         check_reachable(address)
     if not ray.is_initialized():
         try:
-            ray.init(address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                     log_to_driver=True, include_dashboard=None)
+            context = ray.init(
+                address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True,
+                include_dashboard=None,
+                # The sweep's Ray processes log like the CLI: quiet unless -v (runner/console.py).
+                runtime_env={"env_vars": {key: os.environ.get(key, value)
+                                          for key, value in console.worker_env(console.is_verbose()).items()},
+                             "worker_process_setup_hook": "runner.console.setup_worker_process"})
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from error
+        log.debug("Ray's own logs of this sweep's processes: %s/logs", context.address_info.get("session_dir"))
     return ray.cluster_resources()
 
 
@@ -104,6 +115,15 @@ def make_scheduler(config: SweepConfig):
 
     return ASHAScheduler(time_attr="epoch", max_t=config.trial.epochs, grace_period=config.scheduler.grace_period,
                          reduction_factor=config.scheduler.reduction_factor)
+
+
+def trial_count(config: SweepConfig) -> int:
+    """How many trials the sweep runs: Tune repeats the whole grid `num_samples` times."""
+    count = config.num_samples
+    for domain in config.space.values():
+        if domain.kind == "grid":
+            count *= len(domain.values)
+    return count
 
 
 def param_space(config: SweepConfig) -> dict[str, Any]:
@@ -175,6 +195,8 @@ def search_algorithm(config: SweepConfig, max_concurrent: int):
 
 
 def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, restore: bool) -> tune.Tuner:
+    from runner import console
+
     storage_path = config.storage
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.trial.to_dict(), gpu=config.resources.gpu,
@@ -191,15 +213,17 @@ def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, resto
         tune_config=tune.TuneConfig(
             metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
             num_samples=config.num_samples, search_alg=search_algorithm(config, max_concurrent)),
+        # Tune's own status tables only with -v; runner/sweep/progress.py prints the live view.
         run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=callbacks,
-                                  verbose=1, failure_config=tune.FailureConfig(max_failures=0)),
+                                  verbose=1 if console.is_verbose() else 0,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
     )
 
 
-def check_inputs(config: SweepConfig) -> None:
+def check_inputs(config: SweepConfig):
     """What would otherwise fail inside every trial, checked once on the driver: the searcher's package is
     there, the data loads, every n_samples the space can draw fits the train split, the model directory
-    exists, int8 has a GPU."""
+    exists, int8 has a GPU. Returns the task (its train and validation splits loaded)."""
     import importlib.util
 
     from runner.model.blip2 import resolve_model
@@ -226,12 +250,17 @@ def check_inputs(config: SweepConfig) -> None:
     if largest is not None and largest > size:
         raise UserError(f"n_samples: {largest} is larger than the {trial.task} train split ({size} questions)")
     resolve_model(trial.model)  # the tiny artifact is verified once here, before any trial starts
+    return task
 
 
-def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str) -> SweepOutcome:
+def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str,
+              say: Callable[[str], None] = print) -> SweepOutcome:
     """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
+    from runner import console
+    from runner.sweep.progress import SweepProgress
     from runner.tracking.callback import TrialRuns
     from runner.tracking.client import Tracker, default_tracking_uri
+    from runner.tracking.datasets import describe as describe_data
 
     if resume and not state.exists(config):
         raise UserError(f"--resume: no sweep named {config.name!r} in {config.storage}")
@@ -239,9 +268,11 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
         raise UserError(f"name: a sweep {config.name!r} already exists in {config.storage}; "
                         f"pass --resume to continue it or choose another name (name=...)")
     check_cluster(config, address)
-    check_inputs(config)  # data, model, sizes: before anything is written or started
+    task = check_inputs(config)  # data, model, sizes: before anything is written or started
     tracking_uri = config.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, config.experiment)  # fails fast (exit 2) on an unusable URI
+    datasets = describe_data(task, config.trial.data)
+    log_file = console.log_to(state.log_file(config))
     resources = connect(address)
     max_concurrent = concurrency(config, resources)
     if resume:
@@ -252,17 +283,20 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
             "runner.task": config.trial.task, "runner.base_model": config.trial.model,
             "runner.precision": config.trial.precision})
         state.write(config, {"sweep_run_id": sweep_run_id, "tracking_uri": tracking_uri,
-                             "experiment": config.experiment, "config": config.to_dict()})
+                             "experiment": config.experiment, "config": config.to_dict(), "datasets": datasets})
     if address is None and 0 < config.resources.gpu < 1 and not mps_running():
         log.warning("trials share GPUs (resources.gpu=%g) but CUDA MPS is not running: their kernels will be "
                     "time-sliced (4 int8 trials on one card: 1.74x one trial's throughput without MPS, 4.07x "
                     "with it; docs/PERFORMANCE.md). Start it with `nvidia-cuda-mps-control -d`.",
                     config.resources.gpu)
-    log.info("sweep %s: up to %d trials at once on %s; MLflow run %s at %s", config.name, max_concurrent,
-             {k: v for k, v in resources.items() if k in ("CPU", "GPU")}, sweep_run_id, tracking_uri)
+    log.info("sweep %s: %d trials, up to %d at once on %g CPUs, %g GPUs; MLflow run %s; full log %s", config.name,
+             trial_count(config), max_concurrent, resources.get("CPU", 0), resources.get("GPU", 0),
+             sweep_run_id, log_file)
     callback = TrialRuns(tracking_uri, config.experiment, sweep_run_id, config.metric, config.mode,
-                         config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config))
-    results = build_tuner(config, [callback], max_concurrent, restore=resume).fit()
+                         config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config),
+                         datasets)
+    progress = SweepProgress(list(config.space), config.metric, config.trial.epochs, say)
+    results = build_tuner(config, [callback, progress], max_concurrent, restore=resume).fit()
     callback.end_sweep(failed_trials=sum(result.error is not None for result in results))
     return SweepOutcome(sweep_run_id=sweep_run_id, results=results)
 

@@ -37,7 +37,9 @@ from runner.tracking.client import (
     TRIAL_TAG,
     Tracker,
     first_line,
+    source_tags,
 )
+from runner.tracking.datasets import dataset_inputs
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +78,10 @@ class TrialRuns(tune.Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_run_id: str, metric: str, mode: str,
-                 base: dict[str, Any], storage: str, journal: Path, failed: Path):
+                 base: dict[str, Any], storage: str, journal: Path, failed: Path,
+                 datasets: list[dict[str, str]] | None = None):
         self.tracking_uri, self.experiment, self.storage = tracking_uri, experiment, storage
+        self.datasets = datasets or []  # the trials' data, described once (runner/tracking/datasets.py)
         self.journal, self.failed = journal, failed
         self.base = base
         self.sweep_run_id, self.metric, self.mode = sweep_run_id, metric, mode
@@ -190,10 +194,12 @@ class TrialRuns(tune.Callback):
             if run_id is None:
                 run_id = client.create_run(self.tracker.experiment_id, run_name=f"trial-{trial_id}", tags={
                     "mlflow.parentRunId": self.sweep_run_id, PARENT_TAG: self.sweep_run_id,
-                    TRIAL_TAG: trial_id, KIND_TAG: "trial", STATUS_TAG: "RUNNING"}).info.run_id
+                    TRIAL_TAG: trial_id, KIND_TAG: "trial", STATUS_TAG: "RUNNING", **source_tags()}).info.run_id
                 # Every setting of the trial (base + sampled), so MLflow's compare view shows them all.
                 client.log_batch(run_id, params=[Param(key, str(value)[:6000])
                                                  for key, value in {**self.base, **config}.items()])
+                if self.datasets:
+                    client.log_inputs(run_id, datasets=dataset_inputs(self.datasets))
             self._logged[run_id] = {int(m.step) for m in client.get_metric_history(run_id, "train_loss")}
             self._runs[trial_id] = run_id
         return self._runs[trial_id]
@@ -235,12 +241,34 @@ class TrialRuns(tune.Callback):
                     if not (checkpoint / "checkpoint.json").is_file():  # never a run without its adapter
                         raise FileNotFoundError(f"no checkpoint at {best['checkpoint_path']}")
                     client.log_artifacts(run_id, str(checkpoint), CHECKPOINT_ARTIFACT)
+                    log_adapter_model(client, self.tracker.experiment_id, run_id, checkpoint, best["epoch"])
             client.set_tag(run_id, STATUS_TAG, update["status"])
             client.set_terminated(run_id, "FINISHED")
         elif update["kind"] == "error":
             client.set_tag(run_id, STATUS_TAG, "FAILED")
             client.set_tag(run_id, ERROR_TAG, update["reason"][:5000])
             client.set_terminated(run_id, "FAILED")
+
+
+ADAPTER_MODEL = "adapter"  # the name of each trial's logged model (MLflow's Models column)
+
+
+def log_adapter_model(client, experiment_id: str, run_id: str, checkpoint: Path, epoch: int) -> None:
+    """The best epoch's LoRA adapter as an MLflow logged model of the trial's run, once (a replayed update
+    finds it). Only the adapter: the run's `checkpoint/` artifacts keep the rest, promotion registers
+    its own pyfunc model (runner/registry/promote.py)."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+    from runner.train.checkpoint import adapter_dir
+
+    existing = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    if any(model.name == ADAPTER_MODEL for model in existing):
+        return
+    model = client.create_logged_model(experiment_id, name=ADAPTER_MODEL, source_run_id=run_id,
+                                       tags={BEST_EPOCH_TAG: str(epoch)}, model_type="peft-lora-adapter")
+    client.log_model_artifacts(model.model_id, str(adapter_dir(checkpoint)))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=epoch)])
 
 
 def trial_error(trial) -> str:

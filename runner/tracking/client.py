@@ -70,6 +70,12 @@ def code_version(package_dir: Path | None = None) -> str:
         return __version__
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column) and ours: the code version that ran."""
+    version = code_version()
+    return {"mlflow.source.name": f"runner {version}", "mlflow.source.type": "LOCAL", CODE_TAG: version}
+
+
 def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root).stdout.strip()
 
@@ -97,8 +103,7 @@ class Tracker:
 
     def start_sweep(self, name: str, space: dict[str, Any], command: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
-            SWEEP_TAG: name, KIND_TAG: "sweep", "runner.command": command,
-            CODE_TAG: code_version(), **tags})
+            SWEEP_TAG: name, KIND_TAG: "sweep", "runner.command": command, **source_tags(), **tags})
         self.client.log_dict(run.info.run_id, space, "search_space.json")
         for key, value in flatten(space).items():
             self.client.log_param(run.info.run_id, key, value)
@@ -126,6 +131,35 @@ def find_sweep(tracking_uri: str, sweep: str):
         raise UserError(f"sweep: no sweep named (or with run id) {sweep!r} in MLflow at {tracking_uri}")
     experiment = client.get_experiment(runs[0].info.experiment_id).name
     return Tracker(tracking_uri, experiment), runs[0]
+
+
+def newest_sweep(tracking_uri: str):
+    """The most recently started sweep run in a store, or None."""
+    from mlflow import MlflowClient
+
+    check_tracking_uri(tracking_uri, "--tracking-uri")
+    client = MlflowClient(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`{KIND_TAG}` = 'sweep'", order_by=["attributes.start_time DESC"],
+                              max_results=1) if experiments else []
+    return runs[0] if runs else None
+
+
+def ui_links(base: str, experiment_id: str, sweep_run_id: str | None, metric: str | None = None) -> dict[str, str]:
+    """MLflow UI links that open the trials. MLflow 3's UI takes the workflow from the URL (or the browser's
+    last choice), not from the experiment, so a bare experiment link lands on the GenAI overview; and it
+    nests child runs, collapsed, unless the runs table is filtered or sorted: filtered on the sweep and
+    sorted by its metric, the table lists the sweep's trials (and stage runs) best first."""
+    from urllib.parse import quote
+
+    runs = f"{base}/#/experiments/{experiment_id}/runs"
+    if not sweep_run_id:
+        return {"runs": f"{runs}?workflowType=machine_learning"}
+    in_sweep = f"tags.`{PARENT_TAG}` = '{sweep_run_id}'"
+    query = f"workflowType=machine_learning&searchFilter={quote(in_sweep)}"
+    if metric:
+        query += f"&orderByKey={quote(f'metrics.`best_{metric}`')}&orderByAsc=false"
+    return {"trials": f"{runs}?{query}", "sweep run": f"{runs}/{sweep_run_id}"}
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
