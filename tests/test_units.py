@@ -3,6 +3,7 @@ the MLflow callback's journal, the trial concurrency, every promotion rule, the 
 checkpoint format and the tiny model artifact's verification."""
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -265,3 +266,34 @@ def test_preflight_plans_with_the_trials_own_share_of_the_card(share, cap_gib, e
     from runner.model.preflight import CUDA_CONTEXT_GIB, GIB, available_gib
 
     assert available_gib(100 * GIB, 140 * GIB, share, cap_gib) == pytest.approx(expected_gib - CUDA_CONTEXT_GIB)
+
+
+def test_a_second_local_sweep_is_refused_naming_the_one_that_holds_the_machine(tmp_path):
+    """A real second process holds the machine's local-cluster lock (as a running sweep does); a sweep started
+    meanwhile exits 2 at once, naming it and its address, and writes nothing."""
+    import sys
+
+    from click.testing import CliRunner
+
+    from runner.cli import main
+    from tests.conftest import SPACE
+
+    env = {**os.environ, "RUNNER_CACHE": str(tmp_path / "cache")}
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from runner.sweep.tuner import LocalClusterHold; "
+                               "hold = LocalClusterHold('first'); hold.announce('127.0.0.1:6390'); print('held', flush=True); "
+                               "time.sleep(120)"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(main, ["tune", SPACE, "name=second", f"storage_path={tmp_path / 'ray'}",
+                                           f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], env=env)
+        assert result.exit_code == 2, result.output
+        assert (f"sweep 'first' (pid {holder.pid}) is running a local Ray cluster on this machine; wait for it to "
+                "end, or join its cluster with --address 127.0.0.1:6390") in result.output
+        assert not (tmp_path / "ray").exists() and not (tmp_path / "mlflow.db").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    from runner.sweep.tuner import LocalClusterHold
+
+    with LocalClusterHold("third"):  # the holder's end released the machine
+        pass

@@ -8,6 +8,8 @@ state included, which Tune saves with the experiment. MLflow hangs off the drive
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -75,6 +77,47 @@ def check_reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as error:
         raise UserError(f"--address {address}: no Ray cluster answers there ({error})") from error
+
+
+class LocalClusterHold:
+    """One sweep at a time runs a local Ray cluster on a machine: a second would compete for the same cores
+    and its trials miss Ray Train's start-up limit (docs/TRAPS.md). The second is refused at once, naming
+    the sweep that holds the machine and how to join its cluster instead. An flock in the node's cache
+    folder, held while the sweep runs (the kernel releases it however the process ends)."""
+
+    def __init__(self, sweep: str):
+        import fcntl
+
+        from runner.model.blip2 import cache_dir
+
+        self.sweep = sweep
+        path = cache_dir() / "local-cluster.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = path.open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = json.loads(self.handle.read() or "{}")
+            self.handle.close()
+            join = (f"join its cluster with --address {holder['address']}" if holder.get("address")
+                    else "try again in a minute to see its cluster's address")
+            raise UserError(f"--address: sweep {holder.get('sweep', '?')!r} (pid {holder.get('pid', '?')}) is "
+                            f"running a local Ray cluster on this machine; wait for it to end, or {join}") from None
+        self.announce(None)
+
+    def announce(self, address: str | None) -> None:
+        """Record who holds the machine, and (once started) the address of its cluster."""
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(json.dumps({"sweep": self.sweep, "pid": os.getpid(), "address": address}))
+        self.handle.flush()
+
+    def __enter__(self) -> LocalClusterHold:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()  # closing the file releases the flock
 
 
 def check_cluster(config: SweepConfig, address: str | None) -> None:
@@ -256,24 +299,32 @@ def check_inputs(config: SweepConfig):
 def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str,
               say: Callable[[str], None] = print) -> SweepOutcome:
     """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
-    from runner import console
-    from runner.sweep.progress import SweepProgress
-    from runner.tracking.callback import TrialRuns
-    from runner.tracking.client import Tracker, default_tracking_uri
-    from runner.tracking.datasets import describe as describe_data
-
     if resume and not state.exists(config):
         raise UserError(f"--resume: no sweep named {config.name!r} in {config.storage}")
     if not resume and state.exists(config):
         raise UserError(f"name: a sweep {config.name!r} already exists in {config.storage}; "
                         f"pass --resume to continue it or choose another name (name=...)")
     check_cluster(config, address)
+    with LocalClusterHold(config.name) if address is None else contextlib.nullcontext() as hold:
+        return run_tuner(config, address=address, resume=resume, command=command, say=say, hold=hold)
+
+
+def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command: str, say: Callable[[str], None],
+          hold: LocalClusterHold | None) -> SweepOutcome:
+    from runner import console
+    from runner.sweep.progress import SweepProgress
+    from runner.tracking.callback import TrialRuns
+    from runner.tracking.client import Tracker, default_tracking_uri
+    from runner.tracking.datasets import describe as describe_data
+
     task = check_inputs(config)  # data, model, sizes: before anything is written or started
     tracking_uri = config.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, config.experiment)  # fails fast (exit 2) on an unusable URI
     datasets = describe_data(task, config.trial.data)
     log_file = console.log_to(state.log_file(config))
     resources = connect(address)
+    if hold is not None:
+        hold.announce(ray.get_runtime_context().gcs_address)
     max_concurrent = concurrency(config, resources)
     if resume:
         sweep_run_id = state.read(config)["sweep_run_id"]

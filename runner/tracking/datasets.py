@@ -16,9 +16,12 @@ DIGEST_LIMIT = 36  # MLflow refuses a longer dataset digest (mlflow.utils.valida
 SPLITS = (("train", "training"), ("validation", "validation"))  # (our split, MLflow's input context)
 
 
-def data_source(task, data: str | None) -> dict[str, str]:
-    """Where a task's data comes from: {"path": local folder or file} or {"hub": id, "revision": rev}."""
+def data_source(task, data: str | dict | None) -> dict[str, str]:
+    """Where a task's data comes from: {"path": local folder or file} or {"hub": id, "revision": rev}.
+    A mapping (`{path, columns, ...}`, the generic task) comes from its `path`."""
     module = sys.modules[type(task).__module__]
+    if isinstance(data, dict):
+        data = data.get("path")
     if data is None:
         if hasattr(module, "HUB_ID"):
             return {"hub": module.HUB_ID, "revision": getattr(module, "HUB_REVISION", "main")}
@@ -30,7 +33,7 @@ def data_source(task, data: str | None) -> dict[str, str]:
     return {"hub": hub_id, "revision": revision or getattr(module, "HUB_REVISION", "main")}
 
 
-def describe(task, data: str | None) -> list[dict[str, str]]:
+def describe(task, data: str | dict | None) -> list[dict[str, str]]:
     """The task's train and validation splits as dataset inputs (the splits are loaded already)."""
     source = data_source(task, data)
     return [{"name": f"{task.name} {split}", "digest": task.load_split(split).fingerprint[:DIGEST_LIMIT],
