@@ -17,7 +17,6 @@ trials that start together on a node compute each image once (the others wait, t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from runner.model.blip2 import image_features, query_features, vision_features
+from runner.model.node_lock import node_lock
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +79,10 @@ class FeatureCache:
             log.warning("image-feature cache: %s is unreadable (%s); computing it again", path, error)
             return None
 
-    @contextlib.contextmanager
     def computing(self):
-        """Held while computing entries: one trial of a node computes, the others wait (an flock)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with (self.directory / ".lock").open("w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("image features: waiting for another trial computing them into %s", self.directory)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Held while computing entries: one trial of a node computes, the others wait."""
+        return node_lock(self.directory / ".lock",
+                         f"image features: waiting for another trial computing them into {self.directory}")
 
     def save(self, image_key: str, features: torch.Tensor) -> None:  # features: on the CPU
         path = self.path(image_key)

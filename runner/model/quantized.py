@@ -16,8 +16,6 @@ not hashed: that would cost seconds per load for ~5 GB.)
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,6 +25,8 @@ import struct
 from pathlib import Path
 
 import torch
+
+from runner.model.node_lock import node_lock
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,10 @@ class QuantizedCache:
         self.identity = identity
         self.directory = root / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
-    @contextlib.contextmanager
     def lock(self):
         """Held from looking up to storing: one trial of a node quantises, the others wait and read."""
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        with self.directory.with_name(self.directory.name + ".lock").open("w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("quantised weights: waiting for another trial writing %s", self.directory)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return node_lock(self.directory.with_name(self.directory.name + ".lock"),
+                         f"quantised weights: waiting for another trial writing {self.directory}")
 
     def lookup(self) -> Path | None:
         """The entry's folder when it is complete and matches its manifest; a damaged one is removed."""
