@@ -153,6 +153,9 @@ def say_links(saved: dict, metric: str, ui_command: str, say: Say) -> None:
 
 
 UI_PORT = 5000  # mlflow ui's own default
+# MLflow 3's server starts seven job-queue processes (huey consumers, for its GenAI jobs) unless told not to;
+# the runs, the registry and the UI need none of them.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def ui(tracking_uri: str | None, sweep: str | None, port: int, say: Say) -> int:
@@ -178,7 +181,8 @@ def ui(tracking_uri: str | None, sweep: str | None, port: int, say: Say) -> int:
         with log_file.open("w") as output:
             process = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
                                         "--host", "127.0.0.1", "--port", str(port)],
-                                       stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+                                       stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**os.environ, **MLFLOW_SERVER_ENV})
         deadline = time.monotonic() + 180  # /health took ~13 s on two busy cores
         while True:
             try:
@@ -201,6 +205,13 @@ def ui(tracking_uri: str | None, sweep: str | None, port: int, say: Say) -> int:
             say(f"  {what}: {link}")
     if process is None:
         return 0
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # `kill` stops it as Ctrl-C does, and Ctrl-C works even where the shell started us ignoring SIGINT.
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         return process.wait()
     except KeyboardInterrupt:

@@ -238,6 +238,14 @@ def stage_table(tracker: Tracker, sweep_run_id: str) -> str:
     return text_table(["stage (test, %)", *(label for _, label in STAGE_METRICS)], rows_of_stages(stage_runs))
 
 
+def axis_value(param: str) -> float | str:
+    """A logged parameter as a plot coordinate: a number, or a category (LoRA targets such as `q,v`)."""
+    try:
+        return float(param)
+    except ValueError:
+        return param
+
+
 def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -250,12 +258,12 @@ def draw_figures(record: SweepRecord, config: SweepConfig, stage_runs, out_dir: 
 
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        points = [(float(run.data.params[key]), run.data.metrics.get(f"best_{metric}", math.nan))
+        points = [(axis_value(run.data.params[key]), run.data.metrics.get(f"best_{metric}", math.nan))
                   for run in record.trials if key in run.data.params]
         ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue")
         if key == "learning_rate":
             log_ticks(ax)
-        elif all(p[0] == int(p[0]) for p in points):  # rank, sample count: no 4.5
+        elif all(isinstance(p[0], float) and p[0] == int(p[0]) for p in points):  # rank, sample count: no 4.5
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(key)
         ax.set_ylabel(f"best {metric}")

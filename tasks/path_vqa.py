@@ -15,7 +15,9 @@ from typing import ClassVar
 from tasks.vqa import VQA
 
 HUB_ID = "flaviagiammarino/path-vqa"
-HUB_REVISION = "main"  # no release tags; pin with data="flaviagiammarino/path-vqa@<commit>"
+# No release tags. The commit another public medical-VQA project pins (found 2026-12-02 by searching its
+# code; the hub cannot be reached from here to confirm it). Another: data="flaviagiammarino/path-vqa@<commit>".
+HUB_REVISION = "1685832883334b5bb5beaf4e4b333fdeecaa4ad9"
 
 
 @dataclass

@@ -16,7 +16,9 @@ from typing import ClassVar
 from tasks.vqa import VQA, DataSpec
 
 HUB_ID = "BoKelvin/SLAKE"
-HUB_REVISION = "main"  # no release tags; pin with data="BoKelvin/SLAKE@<commit>" (`runner fetch slake` records it)
+# No release tags. The commit other public medical-VQA projects pin (found 2026-12-02 by searching their code;
+# the hub itself cannot be reached from here to confirm it). Another: data="BoKelvin/SLAKE@<commit>" or @main.
+HUB_REVISION = "a9083ce6c34ac3ffb17671a605962924d8a8f9e9"
 
 
 @dataclass

@@ -23,11 +23,20 @@ from pathlib import Path
 
 import pytest
 
+from runner.pipeline import MLFLOW_SERVER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-blip2-easy-vqa"
 SPACE = str(REPO / "search_spaces" / "quickstart.yaml")
-WEAK = ["num_samples=1", "trial.epochs=1", "space={n_samples: {choice: [40]}}",
-        "trial.learning_rate=1e-4", "scheduler.type=none"]
+# The weak sweep is also the killed Optuna search: two trials, one at a time, two epochs each, learning rates
+# too small to beat the quick-start. Its driver is SIGKILLed in the first trial, so the second trial is
+# proposed after `--resume` by the searcher state Tune saved (tests/test_search.py checks it against an
+# uninterrupted search); the space also takes the Q-Former target and the derived alpha through a real sweep.
+WEAK = ["search=optuna", "num_samples=2", "trial.epochs=2", "trial.max_eval_examples=50",
+        "scheduler.type=none", "max_concurrent_trials=1",
+        "space={lora_rank: {choice: [4, 8, 16]}, lora_alpha: {times: [2, lora_rank]}, "
+        "learning_rate: {loguniform: [1.0e-5, 1.0e-4]}, n_samples: {choice: [64]}, "
+        "lora_targets: {choice: ['q,v', 'q,v,query,value']}}"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,8 +79,9 @@ QUICK = ["num_samples=3", "trial.epochs=2", "trial.max_eval_examples=200"]
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
     """The quick-start sweep (the README's main command, smaller), then a weak sweep, into one MLflow store
-    (tests/test_sweep.py, tests/test_report_ui.py): the quick-start's best trial becomes the champion; the
-    weak one is registered, scored on the same test questions, and does not move the alias."""
+    (tests/test_sweep.py, tests/test_report_ui.py, tests/test_search.py): the quick-start's best trial
+    becomes the champion; the weak one (an Optuna search whose driver is killed and resumed) is registered,
+    scored on the same test questions, and does not move the alias."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("sweeps")
@@ -81,7 +91,11 @@ def store(tmp_path_factory):
     outputs, errors, timings = {}, {}, {}
     for name, extra in (("quickstart", QUICK), ("weak", WEAK)):
         started = time.time()
-        result = run_cli("tune", SPACE, f"name={name}", *common, *extra, cwd=root, timeout=1200)
+        args = ["tune", SPACE, f"name={name}", *common, *extra]
+        if name == "weak":
+            kill_in_first_trial(args, root, uri)
+            args.append("--resume")
+        result = run_cli(*args, cwd=root, timeout=1200)
         assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
         outputs[name] = result.stdout
         errors[name] = result.stderr
@@ -89,6 +103,24 @@ def store(tmp_path_factory):
     (root / "timings.json").write_text(json.dumps(timings, indent=2))
     return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs,
             "stderr": errors}
+
+
+def kill_in_first_trial(args: list[str], cwd: Path, uri: str) -> None:
+    """Start the CLI with `args`; SIGKILL it with the local Ray cluster it started once its first trial has
+    logged an epoch (and before that trial has finished)."""
+    epochs, finished = epochs_logged(uri), len(finished_runs(uri))
+    driver = cli_process(*args, cwd=cwd)
+    log = Collected(driver.stdout)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and epochs_logged(uri) == epochs:
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+        assert epochs_logged(uri) > epochs and len(finished_runs(uri)) == finished, log.text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
 
 
 # Trial order (a grid, one trial at a time): killed worker, diverging loss, good. (Running out of GPU memory
@@ -168,7 +200,8 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None):
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
          "--port", str(port), "--artifacts-destination", str(artifacts)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **MLFLOW_SERVER_ENV})  # as `runner ui` starts it: no job-queue processes
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

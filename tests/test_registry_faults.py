@@ -23,6 +23,7 @@ from tests.conftest import MODEL, SPACE, mlflow_server
 
 pytestmark = pytest.mark.slow  # starts a server
 
+STALL_TIMEOUT = 2  # seconds: MLFLOW_HTTP_REQUEST_TIMEOUT while the proxy stalls (a stall is one either way)
 CHAMPION_READS = ("registered-models/get", "registered-models/alias", "model-versions/get")
 
 
@@ -55,7 +56,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 self.connection.close()
                 return
-            time.sleep(15)  # "stall": longer than the client's timeout (MLFLOW_HTTP_REQUEST_TIMEOUT=10)
+            time.sleep(STALL_TIMEOUT * 2.5)  # "stall": longer than the client's timeout
             return
         upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
@@ -104,7 +105,9 @@ def registry(tmp_path_factory):
 
 
 @pytest.mark.parametrize("fault", ["500", "reset", "stall"])
-def test_a_failing_registry_never_moves_the_champion(registry, fault):
+def test_a_failing_registry_never_moves_the_champion(registry, fault, monkeypatch):
+    if fault == "stall":
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(STALL_TIMEOUT))
     registry["proxy"].fault = fault
     result = CliRunner().invoke(main, ["promote", SPACE, *registry["overrides"]])
     assert registry["proxy"].faulted, "the fault was never injected"

@@ -73,7 +73,7 @@ def server(store):
         assert set(links) == {"trials", "sweep run"}, output.text()[-2000:]
         yield SimpleNamespace(base=f"http://127.0.0.1:{port}", links=links, output=output)
     finally:
-        os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C: runner ui stops mlflow ui and its workers
+        process.send_signal(signal.SIGTERM)  # as `kill` (or Ctrl-C): runner ui stops mlflow ui and its workers
         process.wait(60)
 
 

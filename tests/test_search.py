@@ -141,50 +141,21 @@ def test_a_bad_domain_is_named(tmp_path, change, message):
 
 # --- end to end: a killed Optuna sweep resumes its searcher ----------------------------------------------
 
-# Two trials, one at a time, two epochs each: the driver is killed in the first trial's second epoch, so the
-# second trial is proposed after the resume, by the searcher state Tune saved (a searcher started afresh
-# with the same seed would propose the first trial's settings again). The space also takes the Q-Former
-# target and the derived alpha through a real sweep.
-OPTUNA_SWEEP = ["name=optuna", "search=optuna", "num_samples=2", "trial.epochs=2", "trial.max_eval_examples=50",
-                "scheduler.type=none", "max_concurrent_trials=1",
-                "space={lora_rank: {choice: [4, 8, 16]}, lora_alpha: {times: [2, lora_rank]}, "
-                "learning_rate: {loguniform: [3.0e-4, 1.0e-2]}, n_samples: {choice: [64]}, "
-                "lora_targets: {choice: ['q,v', 'q,v,query,value']}}"]
-
-
 @pytest.mark.slow
-def test_a_killed_optuna_sweep_resumes_proposing_what_it_would_have(tmp_path):
-    import os
-    import signal
-    import time
+def test_a_killed_optuna_sweep_resumes_proposing_what_it_would_have(store):
+    """The store's weak sweep (tests/conftest.py): an Optuna search whose driver was SIGKILLed in its first
+    trial and resumed; the second trial was proposed after the resume."""
+    from tests.conftest import SPACE, WEAK
 
-    from mlflow import MlflowClient
-
-    from tests.conftest import SPACE, Collected, cli_process, epochs_logged, run_cli
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["tune", SPACE, f"storage_path={tmp_path / 'ray'}", f"tracking_uri={uri}", *OPTUNA_SWEEP, "--no-promote"]
-    started = time.time()
-    driver = cli_process(*args, cwd=tmp_path)
-    log = Collected(driver.stdout)
-    try:
-        while time.time() - started < 600 and driver.poll() is None and epochs_logged(uri) < 1:
-            time.sleep(0.5)
-        assert epochs_logged(uri) == 1, log.text()[-3000:]  # the first trial is in its second epoch
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
-        driver.wait(30)
-    resumed = run_cli(*args, "--resume", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    (tmp_path / "seconds.txt").write_text(f"{time.time() - started:.0f}")
-
-    client = MlflowClient(uri)
+    client = store["client"]
     experiment = client.get_experiment_by_name("quickstart")
-    runs = sorted(client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'"),
+    sweep = client.search_runs([experiment.experiment_id], "tags.`runner.sweep` = 'weak'")[0]
+    runs = sorted(client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial' and "
+                                     f"tags.`runner.sweep_run_id` = '{sweep.info.run_id}'"),
                   key=lambda run: run.info.start_time)
     assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
     # The same space, searched uninterrupted in-process and told the same results, proposes the same trials.
-    searcher = search_algorithm(load_sweep(Path(SPACE), OPTUNA_SWEEP), max_concurrent=1)
+    searcher = search_algorithm(load_sweep(Path(SPACE), WEAK), max_concurrent=1)
     for number, run in enumerate(runs):
         expected = searcher.suggest(str(number))
         assert {key: run.data.params[key] for key in expected} == {k: str(v) for k, v in expected.items()}
