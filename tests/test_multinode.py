@@ -54,7 +54,7 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
     driver = cli_process(  # -v: the test reads the workers' own epoch lines
         "-v", "tune", SPACE, "name=on-cluster", f"storage_path={shared}", f"tracking_uri=http://127.0.0.1:{port}",
         "resources.gpu=1", "resources.cpu=1", "max_concurrent_trials=2", "num_samples=1", "trial.epochs=2",
-        "space={learning_rate: {grid: [0.003, 0.004]}, n_samples: {choice: [1200]}}", "scheduler.type=none",
+        "space={learning_rate: {grid: [0.003, 0.004]}, n_samples: {choice: [2000]}}", "scheduler.type=none",
         "test_max_examples=60", "trial.max_eval_examples=60", "--address", two_node_cluster.address,
         cwd=tmp_path, env={"RAY_AUTH_MODE": "disabled", **secrets})
     log = Collected(driver.stdout)
