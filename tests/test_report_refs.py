@@ -63,3 +63,23 @@ def test_learning_rate_ticks_are_readable() -> None:
     plt.close(fig)
     assert labels and all(re.fullmatch(r"[125]e-\d", label) for label in labels), labels
     assert {"1e-4", "2e-4", "5e-4", "1e-3"} <= set(labels)
+
+
+def test_the_parameter_figure_takes_a_text_parameter(tmp_path) -> None:
+    """LoRA targets are text (`q,v`): the figure plots them as categories (a sweep over them crashed it)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from runner.report import SweepRecord, draw_figures
+
+    config = sweep_from_dict({"name": "s", "trial": {"task": "easy_vqa"}, "space": {
+        "lora_rank": {"choice": [4, 8]}, "lora_targets": {"choice": ["q,v", "q,v,query,value"]}}}, "test")
+    trials = [SimpleNamespace(info=SimpleNamespace(run_id=f"run{i}"), data=SimpleNamespace(
+        params={"lora_rank": str(rank), "lora_targets": targets}, metrics={"best_val_exact_match": score},
+        tags={})) for i, (rank, targets, score) in enumerate([(4, "q,v", 0.4), (8, "q,v,query,value", 0.7)])]
+    histories = {run.info.run_id: {"val_exact_match": [(1, 0.4)], "train_loss": [(1, 1.0)]} for run in trials}
+    figures = draw_figures(SweepRecord(parent=None, trials=trials, stages={}, histories=histories), config, [],
+                           tmp_path)
+    with Image.open(figures["metric vs parameters"]) as image:
+        assert image.size[0] > 400
