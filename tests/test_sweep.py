@@ -111,6 +111,7 @@ def png(image):  # images travel as PNG bytes, as a client would send them
 
 frame = pd.DataFrame({"image": [png(test.images[e.image_key]) for e in examples],
                       "question": [e.question for e in examples]})
+assert model.metadata.get_input_schema().input_names() == ["image", "question"]  # the stated signature
 answers = model.predict(frame)
 print(json.dumps(metrics.score(answers, [task.normalize_answer(e.answer) for e in examples],
                                [task.is_closed(e) for e in examples])))

@@ -147,7 +147,7 @@ def register(tracker: Tracker, run, saved: checkpoint.Checkpoint, model_name: st
     import mlflow
     from mlflow.models import Model
 
-    from runner.registry.pyfunc import pip_requirements
+    from runner.registry.pyfunc import SIGNATURE, pip_requirements
 
     trial = saved.config
     mlflow.set_tracking_uri(tracker.tracking_uri)
@@ -157,7 +157,9 @@ def register(tracker: Tracker, run, saved: checkpoint.Checkpoint, model_name: st
         artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run.info.run_id,
         # Model from code: loading it runs our source file, never unpickles an object.
         python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        artifacts={CHECKPOINT_ARTIFACT: str(saved.path)}, pip_requirements=pip_requirements())
+        artifacts={CHECKPOINT_ARTIFACT: str(saved.path)}, pip_requirements=pip_requirements(),
+        # Stated, not inferred: MLflow cannot infer one from a model from code and says so on every promotion.
+        signature=SIGNATURE)
     tags = {
         "sweep_run_id": sweep_run_id, "trial_run_id": run.info.run_id, "task": trial.task,
         "base_model": trial.model, "base_model_revision": str(trial.model_revision), "precision": trial.precision,

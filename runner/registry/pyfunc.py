@@ -12,6 +12,12 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, Schema
+
+# What predict takes and returns; `image` is a path or the encoded bytes, hence any type.
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
+                           outputs=Schema([ColSpec("string")]))
 
 
 def pip_requirements() -> list[str]:
