@@ -151,6 +151,7 @@ def run_parallel(args: argparse.Namespace, overrides: list[str], table: Table,
                 results.setdefault(search, []).append((scores, wall))
                 table.row(search, seed, scores, f"{wall:.0f} (shared)")
             time.sleep(2)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # every sweep ended: a late cut must not break the mean rows
     except KeyboardInterrupt:
         wall = time.perf_counter() - started
         for (search, seed), process in running.items():
