@@ -44,6 +44,9 @@ HARMLESS_WARNINGS = (
      "PEFT 0.21 asks transformers 5 by the old name; the answer is the same"),
     (r"MatMul8bitLt: inputs will be cast from", UserWarning,
      "older bitsandbytes warn instead of logging (see HARMLESS_RECORDS)"),
+    (r"(\x1b\[[0-9;]*m)?An input example was not provided when logging the model", UserWarning,
+     "the registered model states its signature (runner/registry/pyfunc.py); an example would only add a "
+     "prediction run at registration"),
 )
 
 
@@ -60,7 +63,13 @@ def worker_env(verbose: bool) -> dict[str, str]:
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per download, even of 10 small files
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" bar follows this switch
             # Tune's classic output, silent at verbosity 0; the newer one prints its config box regardless.
-            "RAY_AIR_NEW_OUTPUT": "0"}
+            "RAY_AIR_NEW_OUTPUT": "0",
+            # Tune warns of any driver step over 0.5 s: a trial's first result opens its MLflow run (0.5 s
+            # seen on the GPU host, four lines each time); a real stall still warns.
+            "TUNE_WARN_THRESHOLD_S": "2",
+            # torch's C++ warnings, e.g. c10d's "hostname of the client socket cannot be retrieved" from every
+            # Train worker on a host without a name in DNS; its errors still show.
+            "TORCH_CPP_LOG_LEVEL": "ERROR"}
 
 
 class HarmlessRecords(logging.Filter):

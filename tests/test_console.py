@@ -28,9 +28,14 @@ def test_known_harmless_warnings_are_stopped_and_a_real_one_still_shows():
         warnings.warn("MatMul8bitLt: inputs will be cast from torch.float32 to float16", UserWarning)
         warnings.warn("`use_cache` is deprecated and will be removed in v6.", FutureWarning)  # not on the list
         warnings.warn("`is_gradient_checkpointing` is deprecated", DeprecationWarning)  # same text, other kind
+        # MLflow colours this one: the filter takes it with and without the escape code.
+        warnings.warn("\x1b[1;33mAn input example was not provided when logging the model. To ensure", UserWarning)
+        warnings.warn("An input example was not provided when logging the model.", UserWarning)
+        warnings.warn("An input example of 3 rows was truncated", UserWarning)  # something else MLflow says
     assert [(w.category, str(w.message)) for w in caught] == [
         (FutureWarning, "`use_cache` is deprecated and will be removed in v6."),
-        (DeprecationWarning, "`is_gradient_checkpointing` is deprecated")]
+        (DeprecationWarning, "`is_gradient_checkpointing` is deprecated"),
+        (UserWarning, "An input example of 3 rows was truncated")]
 
 
 def test_known_harmless_records_are_stopped_at_their_logger_only(caplog):
