@@ -52,18 +52,35 @@ def connect(address: str | None) -> dict[str, float]:
     if address not in (None, "auto") and not address.startswith("ray://"):
         check_reachable(address)
     if not ray.is_initialized():
+        # The sweep's Ray processes log like the CLI: quiet unless -v (runner/console.py).
+        env = {key: os.environ.get(key, value) for key, value in console.worker_env(console.is_verbose()).items()}
+        env.update(own_cluster_env(address))
         try:
             context = ray.init(
-                address=address, dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=True,
-                include_dashboard=None,
-                # The sweep's Ray processes log like the CLI: quiet unless -v (runner/console.py).
-                runtime_env={"env_vars": {key: os.environ.get(key, value)
-                                          for key, value in console.worker_env(console.is_verbose()).items()},
-                             "worker_process_setup_hook": "runner.console.setup_worker_process"})
+                address=address or "local", dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                log_to_driver=True, include_dashboard=None,
+                runtime_env={"env_vars": env, "worker_process_setup_hook": "runner.console.setup_worker_process"})
         except (ConnectionError, ValueError, RuntimeError) as error:
             raise UserError(f"--address {address}: cannot connect to a Ray cluster: {error}") from error
         log.debug("Ray's own logs of this sweep's processes: %s/logs", context.address_info.get("session_dir"))
     return ray.cluster_resources()
+
+
+def own_cluster_env(address: str | None) -> dict[str, str]:
+    """`RAY_ADDRESS` for the sweep's Ray processes, naming their own cluster. Ray Train's placement-group cleaner
+    looks its cluster up by RAY_ADDRESS; with another Ray running on the machine it fails instead ("Found multiple
+    active Ray instances"), a finished trial's placement group is never freed and the next trial's workers wait
+    for it until Train's start-up limit. A local cluster's GCS port is chosen here (`RAY_GCS_SERVER_PORT`, read
+    when Ray starts a head) so that its address is known before it starts."""
+    if address is None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        return {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}
+    return {} if address == "auto" or address.startswith("ray://") else {"RAY_ADDRESS": address}
 
 
 def check_reachable(address: str) -> None:
