@@ -36,19 +36,21 @@ class SweepOutcome:
     results: Any  # ray.tune.ResultGrid
 
 
+# Ray's settings for every sweep, set before Ray starts (a user's own setting wins): Train V2; and a resumed
+# trial whose Train run had already finished returns without reporting again, which Tune's strict metric
+# check would turn into an error for the whole sweep.
+RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
+# And for a local cluster: a throwaway one needs no token (a real cluster keeps Ray's token auth); nothing
+# preempts a local machine, and the preemption watcher's actor makes Ray core log an error per trial.
+LOCAL_CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def connect(address: str | None) -> dict[str, float]:
     """Start a local Ray cluster (address None) or join one; return its resources."""
     from runner import console
 
-    if address is None:
-        # A throwaway local cluster needs no token; a real cluster keeps Ray's token auth.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        # Nothing preempts a local machine, and the watcher's actor makes Ray core log an error per trial.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # A resumed trial whose Train run had already finished returns without reporting again; Tune's
-    # strict check would turn that into an error for the whole sweep.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    for key, value in {**RAY_ENV, **(LOCAL_CLUSTER_ENV if address is None else {})}.items():
+        os.environ.setdefault(key, value)
     if address not in (None, "auto") and not address.startswith("ray://"):
         check_reachable(address)
     if not ray.is_initialized():
