@@ -78,10 +78,10 @@ QUICK = ["num_samples=3", "trial.epochs=2", "trial.max_eval_examples=200"]
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory):
-    """The quick-start sweep (the README's main command, smaller), then a weak sweep, into one MLflow store
-    (tests/test_sweep.py, tests/test_report_ui.py, tests/test_search.py): the quick-start's best trial
-    becomes the champion; the weak one (an Optuna search whose driver is killed and resumed) is registered,
-    scored on the same test questions, and does not move the alias."""
+    """The quick-start sweep (the README's main command, smaller, next to another Ray instance), then a weak
+    sweep, into one MLflow store (tests/test_sweep.py, tests/test_report_ui.py, tests/test_search.py): the
+    quick-start's best trial becomes the champion; the weak one (an Optuna search whose driver is killed and
+    resumed) is registered, scored on the same test questions, and does not move the alias."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("sweeps")
@@ -95,7 +95,10 @@ def store(tmp_path_factory):
         if name == "weak":
             kill_in_first_trial(args, root, uri)
             args.append("--resume")
-        result = run_cli(*args, cwd=root, timeout=1200)
+            result = run_cli(*args, cwd=root, timeout=1200)
+        else:
+            with other_ray_instance():
+                result = run_cli(*args, cwd=root, timeout=1200)
         assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
         outputs[name] = result.stdout
         errors[name] = result.stderr
@@ -103,6 +106,25 @@ def store(tmp_path_factory):
     (root / "timings.json").write_text(json.dumps(timings, indent=2))
     return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs,
             "stderr": errors}
+
+
+@contextmanager
+def other_ray_instance():
+    """Another Ray instance on this machine (a user's own, or a second sweep's) while a sweep runs: the sweep's
+    processes must still find their own cluster, or Ray Train's placement-group cleaner fails and the
+    quick-start's second trial never gets its worker (runner/sweep/tuner.py `own_cluster_env`)."""
+    from ray.cluster_utils import Cluster
+
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway cluster (its processes inherit it)
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    finally:
+        os.environ.pop("RAY_AUTH_MODE") if auth is None else os.environ.update(RAY_AUTH_MODE=auth)
+    try:
+        yield
+    finally:
+        cluster.shutdown()
 
 
 def kill_in_first_trial(args: list[str], cwd: Path, uri: str) -> None:
