@@ -13,7 +13,7 @@ import pytest
 from runner.config import Domain, ResourcesConfig, SweepConfig, TrialConfig
 from runner.errors import UserError
 from runner.registry.promote import decide
-from runner.sweep.tuner import concurrency
+from runner.sweep.tuner import concurrency, own_cluster_env
 from runner.tracking.callback import TrialRuns, failed_updates
 from runner.tracking.client import PARENT_TAG, TRIAL_TAG, Tracker, code_version
 from tests.conftest import REPO, free_port
@@ -297,3 +297,13 @@ def test_a_second_local_sweep_is_refused_naming_the_one_that_holds_the_machine(t
 
     with LocalClusterHold("third"):  # the holder's end released the machine
         pass
+
+
+def test_a_sweeps_ray_processes_are_told_their_own_cluster(monkeypatch):
+    """RAY_ADDRESS for the job's runtime env: the address joined, or a local head's port chosen before it starts
+    (the placement-group cleaner otherwise fails when another Ray runs on the machine; docs/TRAPS.md)."""
+    monkeypatch.delenv("RAY_GCS_SERVER_PORT", raising=False)
+    assert own_cluster_env("10.0.0.7:6379") == {"RAY_ADDRESS": "10.0.0.7:6379"}
+    assert own_cluster_env("auto") == {} and own_cluster_env("ray://head:10001") == {}
+    local = own_cluster_env(None)["RAY_ADDRESS"]
+    assert local.endswith(":" + os.environ["RAY_GCS_SERVER_PORT"]) and int(os.environ["RAY_GCS_SERVER_PORT"]) > 0
