@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytest
@@ -95,10 +95,8 @@ def store(tmp_path_factory):
         if name == "weak":
             kill_in_first_trial(args, root, uri)
             args.append("--resume")
+        with other_ray_instance() if name == "quickstart" else nullcontext():
             result = run_cli(*args, cwd=root, timeout=1200)
-        else:
-            with other_ray_instance():
-                result = run_cli(*args, cwd=root, timeout=1200)
         assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
         outputs[name] = result.stdout
         errors[name] = result.stderr
@@ -115,12 +113,9 @@ def other_ray_instance():
     quick-start's second trial never gets its worker (runner/sweep/tuner.py `own_cluster_env`)."""
     from ray.cluster_utils import Cluster
 
-    auth = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # a throwaway cluster (its processes inherit it)
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway cluster (its processes inherit it)
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    finally:
-        os.environ.pop("RAY_AUTH_MODE") if auth is None else os.environ.update(RAY_AUTH_MODE=auth)
     try:
         yield
     finally:
