@@ -2,6 +2,9 @@
 and bad input fails with one clear line and exit code 2, leaving nothing behind."""
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -12,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from runner.cli import main
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +150,38 @@ def test_running_out_of_gpu_memory_fails_the_trial_saying_what_to_change(tiny_mo
         train_trial(config, tmp_path / "out")
     assert "Tried to allocate 2.00 GiB" in str(raised.value)
     assert not (tmp_path / "out").exists()  # no checkpoint of an epoch that never finished
+
+
+# Ray Train's shape: the trial runs in a daemon thread while the main thread ends the process (as when Ray
+# stops a trial ASHA cut). Exiting inside a torch op aborts the process; the exit handler stops the loop first.
+EXIT_MID_TRIAL = """
+import sys, threading, time
+from pathlib import Path
+from runner import exiting
+from runner.config import TrialConfig
+from runner.train.loop import train_trial
+
+in_epoch_2 = threading.Event()
+
+def trial():
+    if sys.argv[1] == "handler":
+        exiting.stop_loops_at_exit()
+    config = TrialConfig(task="easy_vqa", model="tiny", precision="fp32", device="cpu", n_samples=64,
+                         batch_size=4, epochs=100, max_eval_examples=16, cache_image_features=False)
+    train_trial(config, Path(sys.argv[2]), report=lambda metrics, saved: in_epoch_2.set())
+
+threading.Thread(target=trial, daemon=True).start()
+in_epoch_2.wait(300)
+time.sleep(0.5)  # well inside epoch 2's batches
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("handler", [True, False], ids=["with the exit handler", "without (the abort is real)"])
+def test_a_process_that_exits_mid_trial_stops_the_loop_instead_of_aborting(handler, tiny_model, tmp_path):
+    done = subprocess.run([sys.executable, "-c", EXIT_MID_TRIAL, "handler" if handler else "none", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    if handler:
+        assert done.returncode == 0 and "Fatal Python error" not in done.stderr, done.stderr[-3000:]
+    else:
+        assert done.returncode == -signal.SIGABRT, (done.returncode, done.stderr[-3000:])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from runner import exiting
 from runner.config import TrialConfig
 from runner.errors import UserError
 from runner.eval import metrics
@@ -56,6 +57,7 @@ def generate(
     image_token = image_token_id(processor)
     answers: list[str] = []
     for start in range(0, len(examples), batch_size):
+        exiting.check()
         batch = examples[start : start + batch_size]
         encoded = encode_prompts(processor, [task.prompt(ex.question, exemplar) for ex in batch], device)
         embeds = text_embeddings(model, encoded["input_ids"],

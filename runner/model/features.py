@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from runner import exiting
 from runner.model.blip2 import image_features, query_features, vision_features
 from runner.model.node_lock import node_lock
 
@@ -152,6 +153,7 @@ def compute_image_features(model, processor, images: dict[str, Image.Image], dev
             log.info("image features: %d from the cache %s, %d to compute", len(found), cache.directory,
                      len(missing))
         for start in tqdm(range(0, len(missing), batch_size), desc="image features", leave=False, disable=None):
+            exiting.check()
             batch = missing[start : start + batch_size]
             pixels = processor.image_processor([images[key] for key in batch], return_tensors="pt")["pixel_values"]
             values = (vision_features if vision_only else image_features)(model, pixels.to(device, dtype))

@@ -71,10 +71,12 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     console.quiet_train_worker()  # before the imports below: bitsandbytes speaks when imported
     import torch
 
+    from runner import exiting
     from runner.errors import UserError
     from runner.train.loop import TrialDiverged, TrialOutOfMemory, train_trial
 
     torch.set_num_threads(loop_config["threads"])  # unpinned threads thrash a shared CPU
+    exiting.stop_loops_at_exit()  # Ray runs this in a daemon thread: a stopped trial must not abort at exit
     config = TrialConfig(**loop_config["trial"])
     latest = train.get_checkpoint()
     placement = worker_placement()

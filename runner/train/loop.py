@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from runner import exiting
 from runner.config import TrialConfig
 from runner.eval.evaluate import draw_samples, evaluate, majority_exact_match
 from runner.model.blip2 import (
@@ -190,6 +191,7 @@ def train_epoch(state: TrainState, examples: list[Example], epoch: int) -> float
     state.optimizer.zero_grad(set_to_none=True)
     progress = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)
     for index, batch in enumerate(progress):
+        exiting.check()
         encoded = encode_prompts(processor, [task.prompt(ex.question) for ex in batch], state.device)
         labels = encode_answers(processor, [task.normalize_answer(ex.answer) for ex in batch], state.device)
         embeds = text_embeddings(state.base, encoded["input_ids"],
