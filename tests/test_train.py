@@ -2,6 +2,7 @@
 and bad input fails with one clear line and exit code 2, leaving nothing behind."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,35 @@ def test_resume_with_a_different_config_is_refused(two_epochs, tmp_path):
     result = invoke("train", *changed, "--output", str(tmp_path / "x"), "--resume", str(two_epochs / "epoch-001"))
     assert result.exit_code == 2
     assert "different config (epochs)" in result.stderr
+
+
+def damage(checkpoint: Path, how: str, to: Path) -> Path:
+    """A copy of `checkpoint` with its adapter weights cut short or its optimizer state file gone."""
+    copy = Path(shutil.copytree(checkpoint, to))
+    if how == "truncated adapter":
+        weights = copy / "adapter" / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        return weights
+    (copy / "trainer_state.pt").unlink()
+    return copy / "trainer_state.pt"
+
+
+@pytest.mark.parametrize("how, says", [("truncated adapter", "{damaged}: cannot read the adapter weights"),
+                                       ("missing state file", "{checkpoint}: missing trainer_state.pt")])
+def test_a_damaged_checkpoint_is_refused_on_resume_naming_the_file(two_epochs, tmp_path, how, says):
+    checkpoint, out = tmp_path / "epoch-001", tmp_path / "resumed"
+    damaged = damage(two_epochs / "epoch-001", how, checkpoint)
+    result = invoke("train", *TRIAL, "--output", str(out), "--resume", str(checkpoint))
+    assert result.exit_code == 2, (result.output[-3000:], result.exception)
+    assert says.format(damaged=damaged, checkpoint=checkpoint) in result.stderr, result.stderr
+    assert "Traceback" not in result.output and not list(out.glob("epoch-*"))  # nothing trained or written
+
+
+def test_eval_refuses_a_damaged_adapter_before_loading_the_model(two_epochs, tmp_path):
+    damaged = damage(two_epochs / "epoch-002", "truncated adapter", tmp_path / "epoch-002")
+    result = invoke("eval", "--adapter", str(tmp_path / "epoch-002"), "--split", "validation")
+    assert result.exit_code == 2, (result.output[-3000:], result.exception)
+    assert f"{damaged}: cannot read the adapter weights" in result.stderr
 
 
 def test_eval_scores_a_checkpoint_and_writes_predictions(two_epochs, tmp_path):

@@ -136,8 +136,10 @@ class SplitScorer:
         """`adapter`: an epoch checkpoint or PEFT adapter directory (None: the bare model only)."""
         from peft import PeftModel
 
-        from runner.train.checkpoint import adapter_dir
+        from runner.train.checkpoint import adapter_dir, adapter_weights
 
+        if adapter is not None:
+            adapter_weights(adapter_dir(adapter))  # a damaged adapter fails here, before the model loads
         self.config = config
         self.device = resolve_device(config.device)
         self.task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,

@@ -112,6 +112,20 @@ def adapter_dir(source: Path) -> Path:
     return folder
 
 
+def adapter_weights(folder: Path) -> dict[str, Any]:
+    """The adapter's tensors, read whole before anything trusts them: a truncated or damaged file is a
+    clear error naming it, never a traceback from deep in PEFT (they are a few MB)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = folder / ADAPTER_FILES[1]
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{weights}: cannot read the adapter weights (damaged or incomplete?): "
+                        f"{str(error).splitlines()[0]}") from error
+
+
 def check_resumable(checkpoint: Checkpoint, config: TrialConfig) -> None:
     """Resume only under the same training settings; fields that do not change training may differ
     (a field added later, with a default, leaves old checkpoints resumable)."""
@@ -125,16 +139,14 @@ def restore(checkpoint: Checkpoint, model, optimizer, scheduler) -> None:
     """Load the adapter weights and the optimizer/scheduler/RNG state into a freshly built trial."""
     import torch
     from peft import set_peft_model_state_dict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    weights = checkpoint.adapter / "adapter_model.safetensors"
+    weights = adapter_weights(checkpoint.adapter)
     try:
-        set_peft_model_state_dict(model, load_file(weights))
         state = torch.load(checkpoint.path / STATE_FILE, weights_only=True)  # no pickled code is ever loaded
-    except (SafetensorError, RuntimeError, OSError, EOFError) as error:
-        raise UserError(f"checkpoint {checkpoint.path}: cannot read {weights.name} or {STATE_FILE} "
-                        f"(damaged?): {str(error).splitlines()[0]}") from error
+    except (RuntimeError, OSError, EOFError) as error:
+        raise UserError(f"{checkpoint.path / STATE_FILE}: cannot read the optimizer state (damaged or "
+                        f"incomplete?): {str(error).splitlines()[0]}") from error
+    set_peft_model_state_dict(model, weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
