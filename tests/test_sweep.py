@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from tests.conftest import MODEL, REPO, SPACE, run_cli
+from runner.cli import main
+from tests.conftest import MODEL, REPO, SPACE
 
 pytestmark = pytest.mark.slow
 
@@ -81,9 +83,16 @@ def test_champion_moves_only_for_a_better_model(store):
     assert float(lineage["test_exact_match"]) > float(lineage["test_shuffled_exact_match"]) + 0.10
 
 
-def test_promote_again_creates_no_second_version(store):
-    result = run_cli("promote", SPACE, "name=quickstart", *store["common"], cwd=store["root"])
-    assert result.returncode == 0, result.stderr[-3000:]
+def invoke(*args: str):
+    """The real CLI in-process (click's runner): the same code path, without a Python start and imports per
+    call (a fresh process is tested where it matters: the champion loads in one, below)."""
+    return CliRunner().invoke(main, list(args))
+
+
+def test_promote_again_creates_no_second_version(store, monkeypatch):
+    monkeypatch.chdir(store["root"])  # the report goes under the working folder, as for the sweep
+    result = invoke("promote", SPACE, "name=quickstart", *store["common"])
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     assert "already the champion" in result.stdout
     assert len(store["client"].search_model_versions(f"name = '{MODEL}'")) == 2
 
@@ -133,9 +142,9 @@ def test_eval_scores_the_champion_from_the_registry_or_its_run(store, source, tm
     champion = store["client"].get_model_version_by_alias(MODEL, "champion")
     adapter = source.format(model=MODEL, trial_run_id=champion.tags["trial_run_id"])
     predictions = tmp_path / "predictions.csv"
-    result = run_cli("eval", "--adapter", adapter, "--tracking-uri", store["uri"], "--split", "test",
-                     "--max-eval-examples", "300", "--predictions", str(predictions), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = invoke("eval", "--adapter", adapter, "--tracking-uri", store["uri"], "--split", "test",
+                    "--max-eval-examples", "300", "--predictions", str(predictions))
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
     scores = json.loads(result.stdout[result.stdout.index("{"):])
     assert scores["exact_match"] == pytest.approx(float(champion.tags["test_exact_match"]), abs=1e-9)
     assert len(predictions.read_text().splitlines()) == 301  # header + one row per question
