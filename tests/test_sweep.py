@@ -138,7 +138,8 @@ def test_champion_loads_in_a_fresh_process_and_reproduces_its_test_metric(store)
 
 
 @pytest.mark.parametrize("source", ["models:/{model}@champion", "runs:/{trial_run_id}"])
-def test_eval_scores_the_champion_from_the_registry_or_its_run(store, source, tmp_path):
+def test_eval_scores_the_champion_from_the_registry_or_its_run(store, source, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     champion = store["client"].get_model_version_by_alias(MODEL, "champion")
     adapter = source.format(model=MODEL, trial_run_id=champion.tags["trial_run_id"])
     predictions = tmp_path / "predictions.csv"
@@ -148,3 +149,4 @@ def test_eval_scores_the_champion_from_the_registry_or_its_run(store, source, tm
     scores = json.loads(result.stdout[result.stdout.index("{"):])
     assert scores["exact_match"] == pytest.approx(float(champion.tags["test_exact_match"]), abs=1e-9)
     assert len(predictions.read_text().splitlines()) == 301  # header + one row per question
+    assert list(tmp_path.iterdir()) == [predictions]  # nothing else in the user's folder (MLflow's default store)

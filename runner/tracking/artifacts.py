@@ -56,7 +56,10 @@ def fetch_adapter(source: str, tracking_uri: str | None) -> Path:
             return download_checkpoint(tracking_uri, source.removeprefix("runs:/").strip("/").split("/")[0])
         import mlflow
 
-        mlflow.set_registry_uri(tracking_uri)  # models:/ resolves through the registry URI, not tracking_uri=
+        # models:/ resolves through the registry URI, not tracking_uri=, and reads the default tracking URI
+        # too: unset, MLflow would create ./mlflow.db in the user's folder.
+        mlflow.set_registry_uri(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
         model = Path(download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="runner-model-"),
                                         tracking_uri=tracking_uri))
     except MlflowException as error:
