@@ -109,10 +109,10 @@ def start_cluster(work: Path, cpus: int) -> str:
     lives there. Without it (2026-12-02, --include-dashboard=false) no trial after the first three of each
     sweep got its worker within 300 s, a likely but unproven cause."""
     # What `runner tune` sets for the local cluster it starts itself (a joined cluster's workers inherit the
-    # environment of `ray start`, not of the sweep), and a longer worker start-up limit, the machine being shared.
+    # environment of `ray start`, not of the sweep), its longer worker start-up limit included.
     from runner.sweep.tuner import LOCAL_CLUSTER_ENV, RAY_ENV
 
-    for key, value in {**LOCAL_CLUSTER_ENV, **RAY_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}.items():
+    for key, value in {**LOCAL_CLUSTER_ENV, **RAY_ENV}.items():
         os.environ.setdefault(key, value)
     subprocess.run([*RAY, "start", "--head", f"--port={RAY_PORT}", "--node-ip-address=127.0.0.1", "--num-gpus=1",
                     f"--num-cpus={cpus}", f"--temp-dir={work / 'ray-tmp'}", "--dashboard-host=127.0.0.1",

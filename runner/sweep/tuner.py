@@ -41,8 +41,11 @@ class SweepOutcome:
 # check would turn into an error for the whole sweep.
 RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 # And for a local cluster: a throwaway one needs no token (a real cluster keeps Ray's token auth); nothing
-# preempts a local machine, and the preemption watcher's actor makes Ray core log an error per trial.
-LOCAL_CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# preempts a local machine, and the preemption watcher's actor makes Ray core log an error per trial; two
+# trials starting at once on a small, busy machine can take longer than Train's 60 s worker start-up limit,
+# which on one machine only ever means "slow", never "lost".
+LOCAL_CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
 
 
 def connect(address: str | None) -> dict[str, float]:
