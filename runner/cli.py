@@ -140,8 +140,8 @@ def evaluate_command(adapter: str | None, tracking_uri: str | None, stage: str |
 
 COSTS = """\b
 What the shipped spaces cost (trials; time, and where it was measured):
-  quickstart.yaml  4 trials (ASHA stops the weak ones), tiny model on CPU: 2 min 56 s on
-                   this project's 2-core machine, idle (2026-12-02); 6 min 51 s shared (12-02)
+  quickstart.yaml  4 trials, 2 at a time, tiny model on CPU: 2 min 44 s on this project's
+                   2-core machine (2026-12-03; 3 min 50 s one at a time, back to back)
   t4.yaml          4 trials x 3 epochs x 500-1,000 questions, BLIP-2 XL int8: not timed on a
                    T4; an H200 capped at 15 GiB trains 13.5 questions/s, so about 4 min per
                    trial there (load + training, validation not counted); a T4 is slower
