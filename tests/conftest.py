@@ -159,7 +159,7 @@ def faults(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = [SPACE, "name=faults", f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "num_samples=1",
-            "max_failures=1", "trial.epochs=2", "trial.max_eval_examples=100",
+            "max_failures=1", "trial.epochs=2", "trial.max_eval_examples=100", "max_concurrent_trials=1",
             "test_max_examples=200", "scheduler.type=none", FAULT_SPACE]
     timings, started = {}, time.time()
     # -v: the test reads the Train workers' own lines (their pids, "resumed from"), which quiet mode keeps
