@@ -114,6 +114,7 @@ def test_a_trial_run_shows_its_data_source_and_adapter_model_in_mlflow(tmp_path)
                 "best": {"value": 0.5, "epoch": 1, "checkpoint_path": str(checkpoint)}}
     runs.submit(start)
     runs.submit(complete)
+    assert runs.drain() == 0
     run_id = runs._runs["t1"]
     log_adapter_model(tracker.client, tracker.experiment_id, run_id, checkpoint, 1)  # as a replay would
     assert not (tmp_path / "failed.jsonl").exists()

@@ -4,8 +4,10 @@ checkpoint format and the tiny model artifact's verification."""
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,7 @@ def test_an_outage_queues_updates_in_order_and_a_replay_writes_each_once(tmp_pat
     down = callback(f"http://127.0.0.1:{free_port()}", tmp_path, sweep)  # nothing listens there: a real refusal
     for update in updates("t1", 2) + updates("t2", 1):
         down.submit(update)
+    assert down.drain() == 5  # every update tried, none written
     queued = [json.loads(line) for line in (tmp_path / "pending.jsonl").read_text().splitlines()]
     assert queued == updates("t1", 2) + updates("t2", 1)  # all kept, in order, nothing refused
     assert not (tmp_path / "failed.jsonl").exists()
@@ -63,6 +66,33 @@ def test_an_outage_queues_updates_in_order_and_a_replay_writes_each_once(tmp_pat
     assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5)]
 
 
+def test_tune_never_waits_for_mlflow_and_the_writer_keeps_the_order(tmp_path, sqlite_sweep, monkeypatch):
+    """Tune's event loop only queues; one writer thread applies. Here the store holds every update until
+    the test lets it go (a tracking server that has not answered yet; bench/slow_tracking.py measures a
+    real slow server)."""
+    uri, _, sweep = sqlite_sweep
+    runs = callback(uri, tmp_path, sweep)
+    answer, applied, apply = threading.Event(), [], TrialRuns.apply
+
+    def held(self, update):
+        answer.wait(60)
+        apply(self, update)
+        applied.append((update["trial"], update.get("epoch")))
+
+    monkeypatch.setattr(TrialRuns, "apply", held)
+    for update in updates("t1", 2) + updates("t2", 1):
+        runs.submit(update)  # returns though MLflow has answered nothing
+    assert applied == []
+    journal = tmp_path / "pending.jsonl"
+    assert len(journal.read_text().splitlines()) == 5  # a driver killed now loses nothing
+    saved = pickle.loads(pickle.dumps(runs))  # Tune checkpoints its callbacks meanwhile
+    assert saved._pending == updates("t1", 2) + updates("t2", 1)
+    answer.set()
+    assert runs.drain() == 0
+    assert applied == [("t1", None), ("t1", 1), ("t1", 2), ("t2", None), ("t2", 1)]
+    assert not journal.exists()
+
+
 def test_a_permanent_failure_is_recorded_and_skipped_not_blocking_the_rest(tmp_path, sqlite_sweep):
     uri, tracker, sweep = sqlite_sweep
     runs = callback(uri, tmp_path, sweep)
@@ -71,12 +101,30 @@ def test_a_permanent_failure_is_recorded_and_skipped_not_blocking_the_rest(tmp_p
                "best": {"value": 0.5, "epoch": 1, "checkpoint_path": str(tmp_path / "no-such-checkpoint")}}
     for update in [updates("t1", 1)[0], bad, missing, *updates("t2", 1)]:
         runs.submit(update)
+    assert runs.drain() == 0
     assert not (tmp_path / "pending.jsonl").exists()  # nothing waits: the refused ones were skipped
     refused = failed_updates(tmp_path / "failed.jsonl")
     assert [entry["update"]["kind"] for entry in refused] == ["result", "complete"]
     assert all(entry["reason"] for entry in refused)
     t2 = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TRIAL_TAG}` = 't2'")
     assert [m.step for m in tracker.client.get_metric_history(t2[0].info.run_id, "train_loss")] == [1]
+
+
+def test_mlflow_globals_are_put_back_for_the_rest_of_the_process(tmp_path, monkeypatch):
+    """Promotion and `models:/` downloads point MLflow's process-wide URIs at the sweep's store; after them
+    the process (and the environment its subprocesses inherit) is as before: a leftover sent a later
+    sweep's registrations to the first one's store (seen in the suite, 2026-12-03)."""
+    import mlflow
+
+    from runner.tracking.client import mlflow_globals
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "sqlite:///elsewhere.db")
+    default = mlflow.get_tracking_uri()
+    with mlflow_globals(f"sqlite:///{tmp_path / 'store.db'}"):
+        assert mlflow.get_registry_uri() == mlflow.get_tracking_uri() == f"sqlite:///{tmp_path / 'store.db'}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() == default
+    assert os.environ["MLFLOW_REGISTRY_URI"] == mlflow.get_registry_uri() == "sqlite:///elsewhere.db"
 
 
 # --- concurrency ---------------------------------------------------------------------------------------

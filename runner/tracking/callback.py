@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,11 @@ def is_transient(error: BaseException) -> bool:
 class TrialRuns(tune.Callback):
     """Tune callback: one MLflow child run per trial, metrics per epoch once, best adapter, final status.
 
-    Every Tune event becomes a small JSON-able update, applied in order. When MLflow cannot be reached,
-    updates queue up (in memory and in `journal`) and training goes on; the queue is replayed at the
-    next event once MLflow answers again, and `runner sync` replays a journal left after the sweep.
+    Every Tune event becomes a small JSON-able update, journaled and applied in order by one writer thread:
+    Tune's event loop never waits on MLflow, so a slow tracking server delays the records, not the sweep
+    (measured: docs/PERFORMANCE.md, bench/slow_tracking.py). When MLflow cannot be reached, updates queue
+    up (in memory and in `journal`) and training goes on; the queue is retried at the next event once
+    MLflow answers again, and `runner sync` replays a journal left after the sweep.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_run_id: str, metric: str, mode: str,
@@ -92,10 +95,27 @@ class TrialRuns(tune.Callback):
         self._last_epoch: dict[str, int] = {}
         self._pending: list[dict] = []
         self._outage = False
+        self._start_bookkeeping()
 
-    # Tune pickles callbacks into its experiment state: drop the live client.
+    def _start_bookkeeping(self) -> None:
+        self._lock = threading.Lock()  # _pending, _runs, _logged and the journal: Tune's thread and the writer's
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._submitted = self._written = 0  # submits so far; submits the writer has made a pass over
+        self._bug: BaseException | None = None  # what the writer raised besides a tracking error: re-raised here
+
+    # Tune pickles callbacks into its experiment state: drop the live client and the writer thread.
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tracker": None}
+        with self._lock:
+            state = {**self.__dict__, "_pending": list(self._pending), "_runs": dict(self._runs),
+                     "_logged": {run: set(epochs) for run, epochs in self._logged.items()}}
+        for live in ("_tracker", "_lock", "_wake", "_writer", "_bug"):
+            state.pop(live)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _tracker=None)
+        self._start_bookkeeping()
 
     @property
     def tracker(self) -> Tracker:
@@ -135,20 +155,66 @@ class TrialRuns(tune.Callback):
                      "reason": trial_error(trial)})
 
     def on_experiment_end(self, trials, **info):
-        self.flush()
+        self.drain()
         report_failed(self.failed)
 
     # Applying updates
     def submit(self, update: dict) -> None:
-        self._pending.append(update)
-        self.flush()
+        """Queue `update` (journaled at once: a killed driver loses nothing) and wake the writer."""
+        self._raise_bug()
+        with self._lock:
+            self._pending.append(update)
+            self.write_journal()
+        with self._wake:
+            self._submitted += 1
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_loop, name="mlflow-writer", daemon=True)
+                self._writer.start()
+            self._wake.notify_all()
+
+    def drain(self) -> int:
+        """Wait until the writer has tried every update submitted so far, then let it end; return how many
+        still wait for MLflow."""
+        with self._wake:
+            while self._written < self._submitted:
+                self._wake.wait()
+            writer, self._writer = self._writer, None
+            self._wake.notify_all()
+        if writer is not None:
+            writer.join()
+        self._raise_bug()
+        return len(self._pending)
+
+    def _raise_bug(self) -> None:
+        if self._bug is not None:
+            raise RuntimeError("the MLflow writer thread failed") from self._bug
+
+    def _write_loop(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._wake:
+                while self._written == self._submitted and self._writer is me:
+                    self._wake.wait()
+                if self._writer is not me:  # drained: the next submit starts a new writer
+                    return
+                seen = self._submitted
+            try:
+                self.flush()
+            except BaseException as error:  # a bug, not MLflow: Tune's thread raises it at its next event
+                self._bug = error
+            with self._wake:
+                self._written = seen
+                self._wake.notify_all()
 
     def flush(self) -> None:
         """Apply queued updates in order. A transient failure keeps it and the rest (journal) for the next
         event; a permanent one is recorded in the failed file and skipped."""
         errors = tracking_errors()
-        while self._pending:
-            update = self._pending[0]
+        while True:
+            with self._lock:
+                if not self._pending:
+                    break
+                update = self._pending[0]
             try:
                 self.apply(update)
             except errors as error:
@@ -161,11 +227,13 @@ class TrialRuns(tune.Callback):
                 log.error("MLflow refused an update (%s of trial %s): %s — recorded in %s, skipped",
                           update["kind"], update["trial"], first_line(error), self.failed)
                 record_failed(self.failed, update, error)
-            self._pending.pop(0)
-        if self._outage and not self._pending:
-            log.warning("MLflow reachable again: every queued update is written")
-            self._outage = False
-        self.write_journal()
+            with self._lock:
+                self._pending.pop(0)
+        with self._lock:
+            if self._outage and not self._pending:
+                log.warning("MLflow reachable again: every queued update is written")
+                self._outage = False
+            self.write_journal()
 
     def replay_journal(self) -> int:
         """Write what an earlier outage left in the journal; return how many updates are still pending."""
@@ -200,15 +268,16 @@ class TrialRuns(tune.Callback):
                                                  for key, value in {**self.base, **config}.items()])
                 if self.datasets:
                     client.log_inputs(run_id, datasets=dataset_inputs(self.datasets))
-            self._logged[run_id] = {int(m.step) for m in client.get_metric_history(run_id, "train_loss")}
-            self._runs[trial_id] = run_id
+            logged = {int(m.step) for m in client.get_metric_history(run_id, "train_loss")}
+            with self._lock:
+                self._logged[run_id], self._runs[trial_id] = logged, run_id
         return self._runs[trial_id]
 
     def end_sweep(self, failed_trials: int) -> int:
         """The sweep run's last update (failed-trial count, FINISHED), queued like the trials' updates;
         returns how many updates are still waiting for MLflow."""
         self.submit({"kind": "sweep_end", "trial": "", "config": {}, "failed": failed_trials})
-        if self._pending:
+        if self.drain():
             log.error("%d MLflow updates could not be written (MLflow unreachable); they are kept in %s — "
                       "run `runner sync SPACE.yaml` once MLflow is back", len(self._pending), self.journal)
         return len(self._pending)
@@ -229,7 +298,8 @@ class TrialRuns(tune.Callback):
             client.log_batch(run_id, metrics=[Metric(key, value, update["timestamp"], update["epoch"])
                                               for key, value in update["metrics"].items()],
                              tags=[RunTag(PLACEMENT_TAG, placement)] if placement else [])
-            self._logged[run_id].add(update["epoch"])
+            with self._lock:
+                self._logged[run_id].add(update["epoch"])
         elif client.get_run(run_id).info.status in ("FINISHED", "FAILED", "KILLED"):
             return  # a resumed sweep re-reports a trial whose run was already closed: keep what it recorded
         elif update["kind"] == "complete":
