@@ -30,6 +30,7 @@ from runner.tracking.client import (
     Tracker,
     code_version,
     first_line,
+    mlflow_globals,
 )
 from runner.train import checkpoint
 
@@ -150,22 +151,22 @@ def register(tracker: Tracker, run, saved: checkpoint.Checkpoint, model_name: st
     from runner.registry.pyfunc import SIGNATURE, pip_requirements
 
     trial = saved.config
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    # `Model.log(run_id=...)`, not `mlflow.start_run(run_id=...)` + `pyfunc.log_model`: reopening the
-    # finished trial run would end it again with a new end time, rewriting a run promotion only reads.
-    info = Model.log(
-        artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run.info.run_id,
-        # Model from code: loading it runs our source file, never unpickles an object.
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        artifacts={CHECKPOINT_ARTIFACT: str(saved.path)}, pip_requirements=pip_requirements(),
-        # Stated, not inferred: MLflow cannot infer one from a model from code and says so on every promotion.
-        signature=SIGNATURE)
-    tags = {
-        "sweep_run_id": sweep_run_id, "trial_run_id": run.info.run_id, "task": trial.task,
-        "base_model": trial.model, "base_model_revision": str(trial.model_revision), "precision": trial.precision,
-        "code_version": code_version(), "trial_params": json.dumps(run.data.params, sort_keys=True),
-        "train_fingerprint": saved.data["train_fingerprint"], "test_fingerprint": test_fingerprint,
-        **{f"test_{k}": str(v) for k, v in scores.items()},
-    }
-    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    with mlflow_globals(tracker.tracking_uri):  # Model.log and register_model read only those
+        # `Model.log(run_id=...)`, not `mlflow.start_run(run_id=...)` + `pyfunc.log_model`: reopening the
+        # finished trial run would end it again with a new end time, rewriting a run promotion only reads.
+        info = Model.log(
+            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run.info.run_id,
+            # Model from code: loading it runs our source file, never unpickles an object.
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={CHECKPOINT_ARTIFACT: str(saved.path)}, pip_requirements=pip_requirements(),
+            # Stated, not inferred: MLflow cannot infer one from a model from code and says so on every promotion.
+            signature=SIGNATURE)
+        tags = {
+            "sweep_run_id": sweep_run_id, "trial_run_id": run.info.run_id, "task": trial.task,
+            "base_model": trial.model, "base_model_revision": str(trial.model_revision), "precision": trial.precision,
+            "code_version": code_version(), "trial_params": json.dumps(run.data.params, sort_keys=True),
+            "train_fingerprint": saved.data["train_fingerprint"], "test_fingerprint": test_fingerprint,
+            **{f"test_{k}": str(v) for k, v in scores.items()},
+        }
+        version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     return tracker.client.get_model_version(model_name, version.version)

@@ -43,7 +43,7 @@ def fetch_adapter(source: str, tracking_uri: str | None) -> Path:
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    from runner.tracking.client import default_tracking_uri, first_line
+    from runner.tracking.client import default_tracking_uri, first_line, mlflow_globals
 
     if not source.startswith(("runs:/", "models:/")):
         if not Path(source).exists():
@@ -54,14 +54,11 @@ def fetch_adapter(source: str, tracking_uri: str | None) -> Path:
     try:
         if source.startswith("runs:/"):
             return download_checkpoint(tracking_uri, source.removeprefix("runs:/").strip("/").split("/")[0])
-        import mlflow
-
         # models:/ resolves through the registry URI, not tracking_uri=, and reads the default tracking URI
         # too: unset, MLflow would create ./mlflow.db in the user's folder.
-        mlflow.set_registry_uri(tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)
-        model = Path(download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="runner-model-"),
-                                        tracking_uri=tracking_uri))
+        with mlflow_globals(tracking_uri):
+            model = Path(download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="runner-model-"),
+                                            tracking_uri=tracking_uri))
     except MlflowException as error:
         raise UserError(f"--adapter: cannot fetch {source} from MLflow at {tracking_uri}: "
                         f"{first_line(error)}") from None

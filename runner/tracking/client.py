@@ -5,9 +5,12 @@ Everything that writes to MLflow runs on the sweep driver (or the CLI); workers 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,30 @@ def default_tracking_uri() -> str:
     store = Path("mlruns").resolve()
     store.mkdir(exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def mlflow_globals(tracking_uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs pointed at `tracking_uri`, for the MLflow APIs that read
+    only those (`Model.log`, `models:/` downloads), and put back after: MLflow also copies them into the
+    environment for subprocesses, so a leftover would send every later run or sweep started from the same
+    process (a notebook, the test suite) to this store."""
+    import mlflow
+
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {key: os.environ.get(key) for key in keys}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: unset again
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -102,11 +129,14 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def start_sweep(self, name: str, space: dict[str, Any], command: str, tags: dict[str, str]) -> str:
+        from mlflow.entities import Param
+
         run = self.client.create_run(self.experiment_id, run_name=name, tags={
             SWEEP_TAG: name, KIND_TAG: "sweep", "runner.command": command, **source_tags(), **tags})
         self.client.log_dict(run.info.run_id, space, "search_space.json")
-        for key, value in flatten(space).items():
-            self.client.log_param(run.info.run_id, key, value)
+        params = [Param(key, value) for key, value in flatten(space).items()]
+        for start in range(0, len(params), 100):  # one request per 100 (MLflow's batch limit), not one per key
+            self.client.log_batch(run.info.run_id, params=params[start:start + 100])
         return run.info.run_id
 
 
