@@ -39,10 +39,35 @@ WEAK = ["search=optuna", "num_samples=2", "trial.epochs=2", "trial.max_eval_exam
         "lora_targets: {choice: ['q,v', 'q,v,query,value']}}"]
 
 
+# The suite runs in two pytest-xdist workers (pyproject.toml: `-n 2 --dist loadgroup`): the tests that read one
+# session fixture share a worker (so it runs once), and the longest work is handed out first, in this order,
+# so that the two workers end close together. Each worker has its own feature cache and so its own local
+# cluster lock (`private_cache`); two sweeps at once on this machine is what LOCAL_CLUSTER_ENV allows for.
+SHARED_FIXTURES = ("store", "faults")
+LONGEST_FIRST = ("store", "faults", "test_own_data_e2e.py::test_a_sweep", "test_multinode.py",
+                 "test_tiny.py::test_a_shortened_recipe", "test_train.py::test_a_process_that_exits")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        for position, key in enumerate(LONGEST_FIRST):
+            if key in getattr(item, "fixturenames", ()) or item.nodeid.startswith(f"tests/{key}"):
+                return position
+        return len(LONGEST_FIRST)
+
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+    items.sort(key=rank)  # stable: the rest keep their file order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory) -> Path:
     """Every test (and every CLI subprocess) keeps its image-feature cache in one session folder."""
-    cache = Path(os.environ.get("RUNNER_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
+    given = os.environ.get("RUNNER_TEST_CACHE")  # one per xdist worker: its cluster lock is in there
+    cache = Path(given) / os.environ.get("PYTEST_XDIST_WORKER", "main") if given else tmp_path_factory.mktemp("cache")
     os.environ["RUNNER_CACHE"] = str(cache)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     # As the CLI sets them (runner/cli.py): a refused MLflow call fails in seconds, not after minutes of retries.
@@ -117,7 +142,8 @@ def other_ray_instance():
 
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway cluster (its processes inherit it)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        # No dashboard: a second cluster's GCS is what makes an address-less State API call ambiguous.
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         yield
     finally:
