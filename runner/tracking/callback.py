@@ -115,6 +115,9 @@ class TrialRuns(tune.Callback):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _tracker=None)
+        # The journal is newer than Tune's saved copy (written at every submit; gone once all is applied):
+        # a sweep killed while updates were in flight resumes with them.
+        self._pending = read_journal(self.journal)
         self._start_bookkeeping()
 
     @property
@@ -238,7 +241,7 @@ class TrialRuns(tune.Callback):
     def replay_journal(self) -> int:
         """Write what an earlier outage left in the journal; return how many updates are still pending."""
         if self.journal.exists():
-            self._pending = [json.loads(line) for line in self.journal.read_text().splitlines() if line]
+            self._pending = read_journal(self.journal)
             self._outage = True
             self.flush()
         return len(self._pending)
@@ -349,6 +352,10 @@ def trial_error(trial) -> str:
         if lines:
             return lines[-1].strip()
     return "failed (no error file)"
+
+
+def read_journal(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
 def record_failed(path: Path, update: dict, error: BaseException) -> None:
