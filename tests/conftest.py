@@ -181,7 +181,8 @@ def faults(tiny_model, tmp_path_factory):
     1. the first trial's Train worker is SIGKILLed in its epoch 2 (Ray Train restarts it from epoch 1);
     2. the second trial's loss diverges (learning rate 1e6); 3. right after that trial has ended, the sweep
        driver is SIGKILLed with everything it started, and `runner tune --resume` finishes the sweep (the
-       third trial); 4. then two `runner promote` run at once."""
+       third trial); 4. a `runner promote` is SIGKILLed while it scores the test questions; 5. then two
+       `runner promote` run at once."""
     root = tmp_path_factory.mktemp("faults")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     args = [SPACE, "name=faults", f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "num_samples=1",
@@ -215,6 +216,8 @@ def faults(tiny_model, tmp_path_factory):
     resumed = run_cli("tune", *args, "--no-promote", "--resume", cwd=root)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     timings["resumed sweep done"] = time.time() - started
+    killed_promotion = kill_while_scoring(args, root)
+    timings["promotion killed"] = time.time() - started
     promotes = [cli_process("promote", *args, cwd=root) for _ in range(2)]
     promoted = [process.communicate(timeout=900)[0] for process in promotes]
     assert [process.returncode for process in promotes] == [0, 0], [out[-2000:] for out in promoted]
@@ -223,7 +226,24 @@ def faults(tiny_model, tmp_path_factory):
     (root / "timings.json").write_text(json.dumps(timings, indent=2))
     return {"uri": uri, "root": root, "first_driver": log.text(), "killed_worker": killed_worker,
             "finished_before_kill": finished_before_kill, "resumed": resumed.stdout + resumed.stderr,
-            "promoted": promoted}
+            "killed_promotion": killed_promotion, "promoted": promoted}
+
+
+def kill_while_scoring(args: list[str], cwd: Path) -> str:
+    """`runner promote` SIGKILLed with everything it started once it scores the test questions (-v: its
+    "image features" line), before it registers anything; returns what it printed."""
+    promotion = cli_process("-v", "promote", *args, cwd=cwd)
+    log = Collected(promotion.stdout)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and promotion.poll() is None and "image features:" not in log.text():
+            time.sleep(0.2)
+        os.killpg(promotion.pid, signal.SIGKILL)
+        assert promotion.wait(30) == -signal.SIGKILL, log.text()[-3000:]  # killed, not ended by itself
+    finally:
+        if promotion.poll() is None:
+            os.killpg(promotion.pid, signal.SIGKILL)
+    return log.text()
 
 
 def worker_of(log: str, learning_rate: str) -> int:

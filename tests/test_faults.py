@@ -59,6 +59,8 @@ def test_killed_sweep_driver_resumes_without_rerunning_or_touching_a_finished_tr
 
 
 def test_two_promotions_at_once_register_once_and_never_a_failed_trial(faults):
+    """After a promotion killed mid-scoring (it leaves nothing that blocks or doubles the next), two at once."""
+    assert "image features:" in faults["killed_promotion"] and "promotion:" not in faults["killed_promotion"]
     messages = sorted(next(line for line in out.splitlines() if line.startswith("promotion:"))
                       for out in faults["promoted"])
     assert messages[0].startswith("promotion: champion -> v1"), messages

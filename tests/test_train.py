@@ -209,9 +209,19 @@ sys.exit(0)
 
 @pytest.mark.parametrize("handler", [True, False], ids=["with the exit handler", "without (the abort is real)"])
 def test_a_process_that_exits_mid_trial_stops_the_loop_instead_of_aborting(handler, tiny_model, tmp_path):
-    done = subprocess.run([sys.executable, "-c", EXIT_MID_TRIAL, "handler" if handler else "none", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    def exit_mid_trial(attempt: int):
+        return subprocess.run([sys.executable, "-c", EXIT_MID_TRIAL, "handler" if handler else "none",
+                               str(tmp_path / str(attempt))], capture_output=True, text=True, timeout=300, cwd=REPO)
+
     if handler:
+        done = exit_mid_trial(0)
         assert done.returncode == 0 and "Fatal Python error" not in done.stderr, done.stderr[-3000:]
     else:
-        assert done.returncode == -signal.SIGABRT, (done.returncode, done.stderr[-3000:])
+        # The abort needs the thread inside a torch op at exit: every time on an idle machine (18 of 18), not
+        # always on a loaded one (the suite's other worker), where the thread may be between ops.
+        outcomes = []
+        for attempt in range(4):
+            outcomes.append(exit_mid_trial(attempt))
+            if outcomes[-1].returncode == -signal.SIGABRT:
+                break
+        assert outcomes[-1].returncode == -signal.SIGABRT, [(o.returncode, o.stderr[-500:]) for o in outcomes]
