@@ -1,6 +1,7 @@
 """Shared fixtures. The expensive things run once per pytest run and several tests read their outcome:
-`store` (the quick-start sweep between two weak ones, one MLflow store) and `faults` (one sweep into which
-a worker kill, a diverging loss, an injected OOM and a driver kill are put, then two promotions at once).
+`store` (the quick-start sweep, then a weak Optuna sweep killed and resumed, one MLflow store) and `faults`
+(one sweep into which a worker kill, a diverging loss and a driver kill are put, then a promotion killed while
+it scores and two promotions at once). They run in two pytest-xdist workers (`pytest_collection_modifyitems`).
 
 Real over mock: the tests run the real CLI, Ray, MLflow and PEFT. What cannot exist here is mocked in the
 test that needs it and says so (the hub, a GPU). `-m "not slow"` runs only what needs no Ray cluster, no
