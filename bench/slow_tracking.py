@@ -15,7 +15,6 @@ on the same machine with fresh feature caches; compare them only within one run 
 from __future__ import annotations
 
 import argparse
-import http.client
 import http.server
 import json
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tests.conftest import mlflow_server  # noqa: E402  (a real server on loopback, as the tests start it)
+from tests.conftest import forward, mlflow_server  # noqa: E402  (a real server and proxy, as the tests have them)
 
 SPACE_FILE = REPO / "search_spaces" / "quickstart.yaml"
 SWEEP = ["num_samples=3", "trial.epochs=2", "trial.max_eval_examples=200", "test_max_examples=200",
@@ -44,7 +43,7 @@ class DelayingProxy(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, target_port: int, delay: float):
-        self.target_port, self.delay, self.requests = target_port, delay, 0
+        self.target_port, self.delay = target_port, delay
         self.calls: list[tuple[float, str]] = []  # (time, "METHOD endpoint") of every request
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), Forward)
@@ -60,21 +59,9 @@ class Forward(http.server.BaseHTTPRequestHandler):
         proxy: DelayingProxy = self.server
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with proxy.lock:
-            proxy.requests += 1
             proxy.calls.append((time.time(), f"{self.command} {self.path.split('?')[0]}"))
         time.sleep(proxy.delay)
-        upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=120)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-        upstream.request(self.command, self.path, body=body or None, headers=headers)
-        response = upstream.getresponse()
-        data = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        forward(self, proxy.target_port, body)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = forward
 
@@ -99,7 +86,7 @@ def run_setting(name: str, delay: float | None, work: Path, overrides: list[str]
         with open(root / "tune.log", "w") as log:
             rc = subprocess.run(command, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         wall = time.time() - started
-        requests = proxy.requests if proxy else None
+        requests = len(proxy.calls) if proxy else None
         if proxy:
             proxy.shutdown()
         if rc != 0:

@@ -289,6 +289,25 @@ def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None):
             process.wait(30)
 
 
+def forward(handler, target_port: int, body: bytes) -> None:
+    """Pass `handler`'s request (an http.server handler) to 127.0.0.1:`target_port` and its answer back: the
+    test proxies in front of a real `mlflow server` (tests/test_registry_faults.py, bench/slow_tracking.py)."""
+    import http.client
+
+    upstream = http.client.HTTPConnection("127.0.0.1", target_port, timeout=120)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "content-length")}
+    upstream.request(handler.command, handler.path, body=body or None, headers=headers)
+    response = upstream.getresponse()
+    data = response.read()
+    handler.send_response(response.status)
+    for key, value in response.getheaders():
+        if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class Collected:
     """A child's output, read by a thread as it comes (so the child never blocks on a full pipe)."""
 

@@ -3,7 +3,6 @@ HTTP proxy on 127.0.0.1 that answers 500, resets the connection or stalls when t
 Promotion must stop with one clear line (exit 1) and leave the alias where it was, then succeed once
 the registry answers again."""
 
-import http.client
 import http.server
 import socket
 import threading
@@ -19,7 +18,7 @@ from runner.eval.held_out import TestScorer
 from runner.registry.promote import best_trial_run, promote
 from runner.sweep import state
 from runner.tracking.client import Tracker
-from tests.conftest import MODEL, SPACE, mlflow_server
+from tests.conftest import MODEL, SPACE, forward, mlflow_server
 
 pytestmark = pytest.mark.slow  # starts a server
 
@@ -58,18 +57,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return
             time.sleep(STALL_TIMEOUT * 2.5)  # "stall": longer than the client's timeout
             return
-        upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-        upstream.request(self.command, self.path, body=body or None, headers=headers)
-        response = upstream.getresponse()
-        data = response.read()
-        self.send_response(response.status)
-        for key, value in response.getheaders():
-            if key.lower() not in ("content-length", "transfer-encoding", "connection"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        forward(self, proxy.target_port, body)
 
     do_GET = do_POST = do_PATCH = do_DELETE = forward
 
