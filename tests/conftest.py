@@ -45,7 +45,7 @@ WEAK = ["search=optuna", "num_samples=2", "trial.epochs=2", "trial.max_eval_exam
 # so that the two workers end close together. Each worker has its own feature cache and so its own local
 # cluster lock (`private_cache`); two sweeps at once on this machine is what LOCAL_CLUSTER_ENV allows for.
 SHARED_FIXTURES = ("store", "faults")
-LONGEST_FIRST = ("store", "faults", "test_own_data_e2e.py::test_a_sweep", "test_multinode.py",
+LONGEST_FIRST = ("store", "faults", "test_multinode.py",
                  "test_tiny.py::test_a_shortened_recipe", "test_train.py::test_a_process_that_exits")
 
 
@@ -261,11 +261,12 @@ def free_port() -> int:
 
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None):
-    """A real `mlflow server` on loopback over `backend_uri`; yields its base URL, stops it after."""
+    """A real `mlflow server` on loopback over `backend_uri`; yields its base URL, stops it after. One worker
+    process, not MLflow's default four: each imports the server (~5 CPU-seconds), and one serves these tests."""
     port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
-         "--port", str(port), "--artifacts-destination", str(artifacts)],
+         "--port", str(port), "--artifacts-destination", str(artifacts), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={**os.environ, **MLFLOW_SERVER_ENV})  # as `runner ui` starts it: no job-queue processes
     base = f"http://127.0.0.1:{port}"

@@ -1,6 +1,8 @@
 """Cluster mode on one machine: a real two-node Ray cluster (two raylets, each with one logical GPU), a
 real `mlflow server` as the head's tracking server, the CLI joining the cluster by address — and the
-tracking server stopped mid-sweep and started again, with dummy secrets in the driver's environment.
+tracking server stopped mid-sweep and started again, with dummy secrets in the driver's environment. The
+sweep trains on a team's own CSV whose column mapping, answer-type column and filter come from the space
+file (the own-data end-to-end sweep: promotion and the report on data that is not a hub dataset).
 
 What cannot exist here: GPUs. The nodes declare logical GPUs (Ray schedules them like real ones and
 sets CUDA_VISIBLE_DEVICES); the tiny model then trains on CPU in fp32. Trials ask for a whole GPU each,
@@ -15,14 +17,13 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.conftest import (
-    MODEL,
-    SPACE,
     Collected,
     cli_process,
     epochs_logged,
     free_port,
     mlflow_server,
 )
+from tests.test_own_data import own_csv
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,32 @@ def two_node_cluster(monkeypatch):
         cluster.shutdown()
 
 
+def own_data_space(tmp_path: Path) -> Path:
+    """A team's own CSV (400 images, 1,194 training questions), mapped and filtered in the space file."""
+    data = own_csv(tmp_path / "ours", n_images=400)
+    space = tmp_path / "ours.yaml"
+    space.write_text(f"""name: ours
+experiment: ours
+registered_model: ours
+trial:
+  task: vqa
+  data:
+    path: {data}
+    columns: {{image: img_path, question: q, answer: a, answer_type: kind}}
+    filter: {{site: [A, B]}}
+  model: tiny
+  precision: fp32
+  epochs: 2
+  batch_size: 16
+  max_eval_examples: 60
+space: {{learning_rate: {{grid: [0.003, 0.004]}}, n_samples: {{choice: [1000]}}}}
+num_samples: 1
+scheduler: {{type: none}}
+test_max_examples: 60
+""")
+    return space
+
+
 def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_node_cluster, tiny_model, tmp_path):
     shared = tmp_path / "shared"  # stands in for the cluster's shared storage (NFS / S3)
     port = free_port()
@@ -51,10 +78,9 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
     server.__enter__()
     up = True
     driver = cli_process(  # -v: the test reads the workers' own epoch lines
-        "-v", "tune", SPACE, "name=on-cluster", f"storage_path={shared}", f"tracking_uri=http://127.0.0.1:{port}",
-        "resources.gpu=1", "resources.cpu=1", "max_concurrent_trials=2", "num_samples=1", "trial.epochs=2",
-        "space={learning_rate: {grid: [0.003, 0.004]}, n_samples: {choice: [1000]}}", "scheduler.type=none",
-        "test_max_examples=60", "trial.max_eval_examples=60", "--address", two_node_cluster.address,
+        "-v", "tune", str(own_data_space(tmp_path)), "name=on-cluster", f"storage_path={shared}",
+        f"tracking_uri=http://127.0.0.1:{port}", "resources.gpu=1", "resources.cpu=1", "max_concurrent_trials=2",
+        "--address", two_node_cluster.address,
         cwd=tmp_path, env={"RAY_AUTH_MODE": "disabled", **secrets})
     log = Collected(driver.stdout)
     try:
@@ -76,7 +102,7 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
         assert "MLflow reachable again: every queued update is written" in text
         assert not (shared / "on-cluster" / "mlflow_pending.jsonl").exists()
         client = MlflowClient(f"http://127.0.0.1:{port}")
-        experiment = client.get_experiment_by_name("quickstart")
+        experiment = client.get_experiment_by_name("ours")
         trials = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
         assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
         trained_meanwhile = []
@@ -94,15 +120,21 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
         # The adapters reached the server's artifact store (over HTTP, not a shared disk) and the
         # champion is registered there, loadable from its models:/ URI.
         assert any(artifacts.rglob("adapter_model.safetensors"))
-        champion = client.get_model_version_by_alias(MODEL, "champion")
+        champion = client.get_model_version_by_alias("ours", "champion")
         adapter = Path(client.download_artifacts(champion.run_id, "checkpoint/adapter"))
         assert (adapter / "adapter_config.json").exists()
+        assert client.get_run(champion.run_id).data.metrics["test_n"] == 6  # test.csv's six questions
     finally:
         (tmp_path / "driver.log").write_text(log.text())  # for a failed run
         if driver.poll() is None:
             driver.kill()
         if up:
             server.__exit__(None, None, None)
+
+    # The report names the mapping, and compares with no published figure (none exist for this data).
+    report = (tmp_path / "runs" / "reports" / "on-cluster" / "report.md").read_text()
+    assert "columns image=img_path, question=q, answer=a, answer_type=kind" in report
+    assert "None shown" in report and "| Med-PaLM M 12B |" not in report
 
     # Tune's experiment state and the driver's sweep state sit on the shared storage: `--resume` finds both.
     assert (shared / "on-cluster" / "runner_sweep.json").exists()

@@ -94,16 +94,17 @@ def path_vqa_copy(root: Path, sizes=(("train", 6), ("validation", 3), ("test", 3
     return root
 
 
-def own_csv(root: Path, rows: list[dict] | None = None) -> Path:
-    """A team's own data: train.csv/test.csv with their own column names, images in a subfolder."""
+def own_csv(root: Path, n_images: int = 8) -> Path:
+    """A team's own data: train.csv/test.csv with their own column names, images in a subfolder; three
+    questions per image, the last two images' six in test.csv."""
     (root / "pictures").mkdir(parents=True)
-    for i in range(8):
+    for i in range(n_images):
         make_image("L", seed=200 + i).save(root / "pictures" / f"case{i}.png")
     header = "img_path,q,a,kind,site\n"
     lines = [f"pictures/case{i}.png,finding {j} in case {i}?,{('yes', 'mass', 'left')[j]},"
-             f"{('CLOSED', 'closed', 'Open')[j]},{('A', 'B')[i % 2]}\n" for i in range(8) for j in range(3)]
-    (root / "train.csv").write_text(header + "".join(lines[:18]))
-    (root / "test.csv").write_text(header + "".join(lines[18:]))
+             f"{('CLOSED', 'closed', 'Open')[j]},{('A', 'B')[i % 2]}\n" for i in range(n_images) for j in range(3)]
+    (root / "train.csv").write_text(header + "".join(lines[:-6]))
+    (root / "test.csv").write_text(header + "".join(lines[-6:]))
     return root
 
 
