@@ -33,6 +33,9 @@ HARMLESS_RECORDS = (
     ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
      "Detected that the Ray Train controller actor",
      "said after every trial, once its Train controller has exited; the cleaner then frees the placement group"),
+    ("ray.tune.execution.tune_controller", "Trial task failed for trial",
+     "Tune's traceback of a failed trial; the console says `trial … failed: <reason> (full error: <Tune's "
+     "error.txt>)` and the trial's MLflow run holds the reason (runner.error)"),
     ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
      "Failed to send resource request",
      "a GetTimeoutError traceback at Train start-up that Ray itself calls safe to ignore when transient; "
@@ -118,13 +121,31 @@ def setup(verbose: bool) -> None:
     logging.getLogger(OURS).setLevel(logging.DEBUG)  # our debug lines reach the sweep's log file
 
 
+class SweepLog(logging.FileHandler):
+    """The sweep's full log file. A record its disk cannot take (a full disk: runner/sweep/storage.py stops
+    the sweep) is said once on stderr, not as logging's own traceback for every record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            return super().handleError(record)
+        if not self.failed:
+            sys.stderr.write(f"warning: cannot write the sweep's log {self.baseFilename} ({error}); the console "
+                             "still shows what it always does\n")
+        self.failed = True
+
+
 def log_to(path: Path) -> Path:
     """Also write every record (whatever the console shows) to `path`, appended: the full log of a sweep."""
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()
                for h in root.handlers):
-        handler = logging.FileHandler(path)
+        handler = SweepLog(path)
         handler.setFormatter(logging.Formatter(FORMAT.replace("%(asctime)s", "%(asctime)s.%(msecs)03d"),
                                                datefmt="%Y-%m-%d %H:%M:%S"))
         root.addHandler(handler)

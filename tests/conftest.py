@@ -8,6 +8,7 @@ test that needs it and says so (the hub, a GPU). `-m "not slow"` runs only what 
 server and no training (about a minute).
 """
 
+import errno
 import json
 import os
 import re
@@ -181,12 +182,31 @@ def faults(tiny_model, tmp_path_factory):
     """One sweep, faults injected for real (tests/test_faults.py reads each outcome), one trial at a time:
     1. the first trial's Train worker is SIGKILLed in its epoch 2 (Ray Train restarts it from epoch 1);
     2. the second trial's loss diverges (learning rate 1e6); 3. right after that trial has ended, the sweep
-       driver is SIGKILLed with everything it started, and `runner tune --resume` finishes the sweep (the
-       third trial); 4. a `runner promote` is SIGKILLed while it scores the test questions; 5. then two
-       `runner promote` run at once."""
+       driver is SIGKILLed with everything it started, and `runner tune --resume` resumes the sweep (the
+       third trial); 4. the storage disk (a real tmpfs) fills in that trial's epoch 2: the sweep stops, the
+       space is freed, and `--resume` finishes it; 5. a `runner promote` is SIGKILLed while it scores the
+       test questions; 6. then two `runner promote` run at once."""
     root = tmp_path_factory.mktemp("faults")
+    with small_disk(root / "disk") as disk:
+        yield run_faults(root, disk)
+
+
+@contextmanager
+def small_disk(mount_point: Path):
+    """A 40 MB tmpfs at `mount_point` (root only: else a plain folder, and the disk-full part is skipped)."""
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    try:
+        yield {"path": mount_point, "mounted": mounted.returncode == 0, "why": mounted.stderr.strip()}
+    finally:
+        if mounted.returncode == 0:
+            subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: a Ray log may be open
+
+
+def run_faults(root: Path, disk: dict) -> dict:
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    args = [SPACE, "name=faults", f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "num_samples=1",
+    args = [SPACE, "name=faults", f"storage_path={disk['path'] / 'ray'}", f"tracking_uri={uri}", "num_samples=1",
             "max_failures=1", "trial.epochs=2", "trial.max_eval_examples=100", "max_concurrent_trials=1",
             "test_max_examples=200", "scheduler.type=none", FAULT_SPACE]
     timings, started = {}, time.time()
@@ -214,6 +234,8 @@ def faults(tiny_model, tmp_path_factory):
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    disk_full = fill_disk_during_last_trial(args, root, uri, disk) if disk["mounted"] else None
+    timings["disk full: sweep stopped"] = time.time() - started
     resumed = run_cli("tune", *args, "--no-promote", "--resume", cwd=root)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     timings["resumed sweep done"] = time.time() - started
@@ -225,9 +247,40 @@ def faults(tiny_model, tmp_path_factory):
     timings["promotions done"] = time.time() - started
     (root / "first_driver.log").write_text(log.text())
     (root / "timings.json").write_text(json.dumps(timings, indent=2))
-    return {"uri": uri, "root": root, "first_driver": log.text(), "killed_worker": killed_worker,
-            "finished_before_kill": finished_before_kill, "resumed": resumed.stdout + resumed.stderr,
-            "killed_promotion": killed_promotion, "promoted": promoted}
+    return {"uri": uri, "root": root, "storage": disk["path"] / "ray", "first_driver": log.text(),
+            "killed_worker": killed_worker, "finished_before_kill": finished_before_kill, "disk_full": disk_full,
+            "disk_why": disk["why"], "killed_promotion": killed_promotion, "promoted": promoted}
+
+
+def fill_disk_during_last_trial(args: list[str], cwd: Path, uri: str, disk: dict) -> dict:
+    """`runner tune --resume`; once the resumed trial has logged epoch 1, fill the storage disk to the last
+    byte. Returns what the stopped sweep left: its exit code, output and Tune's experiment state files
+    (JSON; its searcher's are pickles), read before the filler is removed again."""
+    good_lr = str(FAULT_LRS["good"])
+    driver = cli_process("tune", *args, "--no-promote", "--resume", cwd=cwd)
+    log = Collected(driver.stdout)
+    filler = disk["path"] / "filler"
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and driver.poll() is None and not epochs_logged(uri, good_lr):
+            time.sleep(0.5)
+        assert epochs_logged(uri, good_lr) == 1, log.text()[-3000:]
+        with filler.open("wb") as handle:  # what another program on the disk does
+            try:
+                while True:
+                    handle.write(b"\0" * 2**16)
+                    handle.flush()
+            except OSError as error:
+                assert error.errno == errno.ENOSPC, error
+        returncode = driver.wait(300)
+        (cwd / "disk_full_driver.log").write_text(log.text())
+        states = {path.name: path.read_text() for path in (disk["path"] / "ray" / "faults").glob("experiment_state-*")}
+        return {"returncode": returncode, "output": log.text(), "states": states,
+                "epochs_when_stopped": epochs_logged(uri, good_lr)}
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        filler.unlink(missing_ok=True)  # space freed: the resume after this finishes the sweep
 
 
 def kill_while_scoring(args: list[str], cwd: Path) -> str:

@@ -1,11 +1,13 @@
 """Faults injected for real into one real sweep (the `faults` fixture in conftest.py: local Ray cluster,
 SQLite MLflow, the tiny model). Each test asserts on its own part of the outcome."""
 
+import json
 import re
 
 import pytest
 from mlflow import MlflowClient
 
+from runner.train import checkpoint
 from tests.conftest import FAULT_LRS, MODEL
 
 pytestmark = pytest.mark.slow
@@ -56,6 +58,27 @@ def test_killed_sweep_driver_resumes_without_rerunning_or_touching_a_finished_tr
     for run_id, end_time in faults["finished_before_kill"].items():
         # Neither the resume nor the promotion reopened or re-closed a trial that had finished.
         assert MlflowClient(faults["uri"]).get_run(run_id).info.end_time == end_time
+
+
+def test_a_full_disk_stops_the_sweep_with_its_state_whole_and_resume_finishes_it(faults):
+    stopped = faults["disk_full"]
+    if stopped is None:
+        pytest.skip(f"no tmpfs could be mounted here ({faults['disk_why']}): the disk-full fault needs root")
+    assert stopped["returncode"] == 1, stopped["output"][-3000:]  # stopped by its guard, not ended, not crashed
+    errors = [line for line in stopped["output"].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stopped["output"][-3000:]
+    assert f"no space left on device in {faults['storage']}" in errors[0] and "--resume" in errors[0], errors
+    at = stopped["output"].find("Traceback")
+    assert at < 0, stopped["output"][max(0, at - 500):at + 2500]
+    # Tune's experiment state, as the full disk left it: whole (and the resume then read it).
+    assert stopped["states"] and all(json.loads(text) for text in stopped["states"].values())
+    runs = trial_runs(faults["uri"])
+    client = MlflowClient(faults["uri"])
+    assert sorted(m.step for m in client.get_metric_history(runs["good"].info.run_id, "train_loss")) == [1, 2]
+    for role in ("killed_worker", "good"):  # every finished trial's last checkpoint reads back whole
+        train_run = faults["storage"] / f"faults-{runs[role].data.tags['runner.trial_id']}"
+        folders = sorted(path for path in train_run.glob("checkpoint_*") if path.is_dir())
+        assert checkpoint.load(folders[-1]).epoch == 2, folders
 
 
 def test_two_promotions_at_once_register_once_and_never_a_failed_trial(faults):

@@ -357,3 +357,111 @@ def test_a_sweeps_ray_processes_are_told_their_own_cluster(monkeypatch):
     assert own_cluster_env("auto") == {} and own_cluster_env("ray://head:10001") == {}
     local = own_cluster_env(None)["RAY_ADDRESS"]
     assert local.endswith(":" + os.environ["RAY_GCS_SERVER_PORT"]) and int(os.environ["RAY_GCS_SERVER_PORT"]) > 0
+
+
+# --- a full storage disk (a real tmpfs: root only) -------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A mounted tmpfs of the size the test asks for: `small_disk(megabytes)` -> its path."""
+    mounted = []
+
+    def mount(megabytes: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): the full-disk tests need root")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def fill(disk: Path) -> None:
+    with (disk / "filler").open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 2**16)
+                handle.flush()
+        except OSError:
+            pass
+
+
+def test_a_disk_without_room_for_the_sweeps_reserve_is_refused_before_anything_is_written(small_disk):
+    from runner.config import load_sweep
+    from runner.sweep import storage
+
+    disk = small_disk(8)
+    config = load_sweep(str(REPO / "search_spaces" / "quickstart.yaml"), [f"storage_path={disk / 'ray'}"])
+    with pytest.raises(UserError, match=rf"storage_path: {disk / 'ray'} has 8 MB free; a sweep keeps 16 MB"):
+        storage.reserve(config)
+    assert not config.state_dir.exists()
+
+
+def test_the_guard_releases_the_reserve_and_stops_tune_once_the_disk_is_full(small_disk):
+    import signal
+
+    from runner.config import load_sweep
+    from runner.errors import ServiceError
+    from runner.sweep import storage
+
+    disk = small_disk(20)
+    config = load_sweep(str(REPO / "search_spaces" / "quickstart.yaml"), [f"storage_path={disk / 'ray'}"])
+    reserve = storage.reserve(config)
+    guard, stops = storage.StorageGuard(reserve), []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: stops.append("SIGUSR1"))  # Tune's stop signal
+    try:
+        guard.on_step_begin(0, [])
+        assert stops == [] and reserve.exists()  # 4 MB free: room for the next checkpoints
+        storage.check_not_stopped(config, reserve, "runner tune space.yaml")
+        fill(disk)
+        guard._checked = 0.0  # the next look (once a second)
+        guard.on_step_begin(1, [])
+        assert stops == ["SIGUSR1"] and not reserve.exists()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    with pytest.raises(ServiceError, match=rf"no space left on device in {disk / 'ray'} \(16 MB free now.*"
+                                           r"run `runner tune space.yaml --resume`"):
+        storage.check_not_stopped(config, reserve, "runner tune space.yaml")
+
+
+def test_a_journal_that_a_full_disk_cannot_take_waits_in_memory_and_reaches_mlflow(small_disk, tmp_path,
+                                                                                   sqlite_sweep, caplog):
+    uri, tracker, sweep = sqlite_sweep
+    disk = small_disk(1)
+    fill(disk)
+    runs = TrialRuns(uri, "units", sweep, "val_exact_match", "max", TrialConfig().to_dict(), str(disk),
+                     disk / "pending.jsonl", tmp_path / "failed.jsonl")
+    for update in updates("t1", 2):
+        runs.submit(update)  # Tune's thread: no exception though the journal cannot be written
+    assert runs.drain() == 0
+    assert "cannot write the MLflow journal" in caplog.text and "No space left on device" in caplog.text
+    (run,) = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TRIAL_TAG}` = 't1'")
+    assert sorted(m.step for m in tracker.client.get_metric_history(run.info.run_id, "train_loss")) == [1, 2]
+
+
+def test_the_sweeps_log_file_on_a_full_disk_says_so_once_not_a_traceback_per_record(small_disk, capsys):
+    import logging
+
+    from runner.console import SweepLog
+
+    disk = small_disk(1)
+    handler = SweepLog(disk / "runner.log")
+    fill(disk)
+    logger = logging.getLogger("runner.test-full-disk")
+    logger.addHandler(handler)
+    try:
+        for n in range(3):
+            logger.warning("record %d", n)
+    finally:
+        logger.removeHandler(handler)
+        (disk / "filler").unlink()  # space again (the guard's released reserve): the file closes
+        handler.close()
+    err = capsys.readouterr().err
+    assert err.count("cannot write the sweep's log") == 1 and "No space left on device" in err, err
+    assert "Traceback" not in err and "Logging error" not in err, err

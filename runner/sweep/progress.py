@@ -62,7 +62,7 @@ class SweepProgress(tune.Callback):
         from runner.tracking.callback import trial_error
 
         self.row(trial, trial.last_result or {}, "FAILED", settled=True)
-        self.say(f"  trial {trial.trial_id} failed: {trial_error(trial)[:300]}")
+        self.say(f"  trial {trial.trial_id} failed: {trial_error(trial)[:300]} (full error: {trial.error_file})")
 
 
 def status_line(trials) -> str:

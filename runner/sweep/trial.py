@@ -41,10 +41,13 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
     from runner import console
 
     config = build(TrialConfig, {**base, **sampled}, "trial")
+    if ended_before(tune.get_checkpoint(), config.epochs):
+        return
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker=worker_loop,
-        train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu)), "gpu_share": gpu or 1.0},
+        train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu)), "gpu_share": gpu or 1.0,
+                           "storage_path": storage_path},
         # One worker never communicates: gloo sets up without a CUDA device (the logical GPUs of a
         # simulated cluster) and leaves a shared card free of NCCL's communicator.
         torch_config=TorchConfig(backend="gloo"),
@@ -64,6 +67,24 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
         raise TrialFailed(result.metrics[FATAL_KEY])
 
 
+def ended_before(taken: train.Checkpoint | None, epochs: int) -> bool:
+    """A restored trial that had ended before the sweep stopped, by the last checkpoint Tune took in from it
+    (the sweep's state lags its trials' ends: a driver killed or stopped in between): a failure for good is
+    raised again, a last epoch reported again (MLflow logs each epoch once) — without starting Ray Train."""
+    from runner.train import checkpoint
+
+    if taken is None:
+        return False
+    with taken.as_directory() as folder:
+        if (Path(folder) / FATAL_FILE).exists():
+            raise TrialFailed((Path(folder) / FATAL_FILE).read_text())
+        saved = checkpoint.load(Path(folder))
+        if saved.epoch < epochs:
+            return False
+        tune.report(saved.history[-1], checkpoint=taken)
+    return True
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """What the Ray Train worker runs: `train_trial`, resuming from Ray's latest checkpoint if any."""
     from runner import console
@@ -73,6 +94,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
     from runner import exiting
     from runner.errors import UserError
+    from runner.sweep.storage import is_disk_full, wait_for_stop
+    from runner.train import checkpoint
     from runner.train.loop import TrialDiverged, TrialOutOfMemory, train_trial
 
     torch.set_num_threads(loop_config["threads"])  # unpinned threads thrash a shared CPU
@@ -82,14 +105,23 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     placement = worker_placement()
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
-        train.report({**metrics, PLACEMENT_KEY: placement},
-                     checkpoint=train.Checkpoint.from_directory(str(checkpoint_dir)))
+        try:
+            train.report({**metrics, PLACEMENT_KEY: placement},
+                         checkpoint=train.Checkpoint.from_directory(str(checkpoint_dir)))
+        except OSError as error:  # the checkpoint's copy to storage; a full disk stops the sweep, not the trial
+            if not is_disk_full(error):
+                raise
+            wait_for_stop(loop_config["storage_path"], int(metrics["epoch"]), error)
 
     with tempfile.TemporaryDirectory(prefix="trial-") as output:
         resume = Path(latest.to_directory()) if latest is not None else None
         if resume is not None and (resume / FATAL_FILE).exists():  # failed for good before a restart
             return report_fatal(Path(output), (resume / FATAL_FILE).read_text())
         try:
+            if resume is not None and (saved := checkpoint.load(resume)).epoch >= config.epochs:
+                # Its Train run ended, but Tune had not taken the last epoch in when the sweep stopped (a
+                # full disk, a killed driver; cf. `ended_before`): report it once more.
+                return report(saved.history[-1], resume)
             train_trial(config, Path(output), report=report, resume_from=resume,
                         gpu_share=min(1.0, loop_config["gpu_share"]))
         except (TrialDiverged, TrialOutOfMemory, UserError) as error:

@@ -24,7 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from runner.config import SweepConfig
 from runner.errors import UserError
-from runner.sweep import state
+from runner.sweep import state, storage
 from runner.sweep.trial import DRIVER_CPU, run_trial
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ class SweepOutcome:
     results: Any  # ray.tune.ResultGrid
 
 
-# Ray's settings for every sweep, set before Ray starts (a user's own setting wins): Train V2; and a resumed
-# trial whose Train run had already finished returns without reporting again, which Tune's strict metric
+# Ray's settings for every sweep, set before Ray starts (a user's own setting wins): Train V2; and a trial
+# failing by its own settings reports only its reason (runner/sweep/trial.py), which Tune's strict metric
 # check would turn into an error for the whole sweep.
 RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}
 # And for a local cluster: a throwaway one needs no token (a real cluster keeps Ray's token auth); nothing
@@ -343,6 +343,7 @@ def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command
     tracking_uri = config.tracking_uri or default_tracking_uri()
     tracker = Tracker(tracking_uri, config.experiment)  # fails fast (exit 2) on an unusable URI
     datasets = describe_data(task, config.trial.data)
+    reserved = storage.reserve(config)  # a disk too full for the sweep's own state is refused here
     log_file = console.log_to(state.log_file(config))
     resources = connect(address)
     if hold is not None:
@@ -369,7 +370,11 @@ def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command
                          config.trial.to_dict(), config.storage, state.journal_file(config), state.failed_file(config),
                          datasets)
     progress = SweepProgress(list(config.space), config.metric, config.trial.epochs, say)
-    results = build_tuner(config, [callback, progress], max_concurrent, restore=resume).fit()
+    guard = [storage.StorageGuard(reserved)] if reserved else []
+    results = build_tuner(config, [callback, progress, *guard], max_concurrent, restore=resume).fit()
+    storage.check_not_stopped(config, reserved, command)  # a full disk stopped it: resumable, not ended
+    if reserved is not None:
+        reserved.unlink()  # the sweep has ended: its reserve is only for its own state while it runs
     callback.end_sweep(failed_trials=sum(result.error is not None for result in results))
     return SweepOutcome(sweep_run_id=sweep_run_id, results=results)
 

@@ -103,6 +103,7 @@ class TrialRuns(tune.Callback):
         self._writer: threading.Thread | None = None
         self._submitted = self._written = 0  # submits so far; submits the writer has made a pass over
         self._bug: BaseException | None = None  # what the writer raised besides a tracking error: re-raised here
+        self._journal_failed = False  # the last journal write failed (warned once)
 
     # Tune pickles callbacks into its experiment state: drop the live client and the writer thread.
     def __getstate__(self) -> dict:
@@ -247,13 +248,24 @@ class TrialRuns(tune.Callback):
         return len(self._pending)
 
     def write_journal(self) -> None:
-        if self._pending:
-            self.journal.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.journal.with_suffix(".tmp")
-            temporary.write_text("".join(json.dumps(update) + "\n" for update in self._pending))
-            temporary.replace(self.journal)  # a crash mid-write keeps the previous journal whole
-        elif self.journal.exists():
-            self.journal.unlink()
+        """Mirror the queue to the journal. A disk that cannot take it (full: runner/sweep/storage.py stops
+        the sweep) keeps the previous journal whole and the queue in memory, written to MLflow as ever."""
+        temporary = self.journal.with_suffix(".tmp")
+        try:
+            if self._pending:
+                self.journal.parent.mkdir(parents=True, exist_ok=True)
+                temporary.write_text("".join(json.dumps(update) + "\n" for update in self._pending))
+                temporary.replace(self.journal)  # a crash mid-write keeps the previous journal whole
+            elif self.journal.exists():
+                self.journal.unlink()
+        except OSError as error:
+            temporary.unlink(missing_ok=True)
+            if not self._journal_failed:
+                log.warning("cannot write the MLflow journal %s (%s); its updates wait in memory", self.journal,
+                            error)
+            self._journal_failed = True
+        else:
+            self._journal_failed = False
 
     def run_for(self, trial_id: str, config: dict[str, Any]) -> str:
         """The trial's child run: found by tag (a resumed sweep) or created once."""
