@@ -46,7 +46,7 @@ WEAK = ["search=optuna", "num_samples=2", "trial.epochs=2", "trial.max_eval_exam
 # so that the two workers end close together. Each worker has its own feature cache and so its own local
 # cluster lock (`private_cache`); two sweeps at once on this machine is what LOCAL_CLUSTER_ENV allows for.
 SHARED_FIXTURES = ("store", "faults")
-LONGEST_FIRST = ("store", "faults", "test_multinode.py",
+LONGEST_FIRST = ("store", "faults", "test_multinode.py", "test_node_loss.py",
                  "test_tiny.py::test_a_shortened_recipe", "test_train.py::test_a_process_that_exits")
 
 

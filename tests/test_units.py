@@ -156,6 +156,14 @@ def test_concurrency_refuses_what_the_cluster_cannot_run(resources, config, mess
         concurrency(config, resources)
 
 
+def test_trial_drivers_run_on_the_head_so_its_cpus_bound_the_concurrency():
+    gpus = {"CPU": 64, "GPU": 16}  # 16 GPU workers, four trials on each card
+    assert concurrency(sweep(gpu=0.25, cpu=1), gpus) == 58  # CPU-bound: 64 / 1.1
+    assert concurrency(sweep(gpu=0.25, cpu=1), gpus, head_cpus=4) == 40  # 0.1 CPU each on the head
+    with pytest.raises(UserError, match="head node has 0 CPUs; each trial's Tune function runs there"):
+        concurrency(sweep(gpu=0.25, cpu=1), gpus, head_cpus=0)
+
+
 # --- seeded sampling -----------------------------------------------------------------------------------
 
 def drawn(config: SweepConfig) -> list[dict]:

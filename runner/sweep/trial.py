@@ -26,6 +26,12 @@ PLACEMENT_KEY = "placement"  # the worker's report key for where it ran (host, R
 FATAL_KEY = "fatal_error"  # the worker's report key for a failure that a retry would repeat
 FATAL_FILE = "FATAL"  # the marker checkpoint it comes with: Ray Train's Result keeps checkpointed reports only
 DRIVER_CPU = 0.1  # the Tune trial function only waits on its TorchTrainer (0 CPU is rejected by Tune)
+# ... and runs on the head node, with its Train controller (which Ray Train puts beside it): a GPU worker
+# node that dies takes only the trial's Train worker, which Ray Train restarts elsewhere from the last
+# checkpoint; a trial function on it would fail the trial for good (tests/test_node_loss.py). Ray's own
+# Train state actor is pinned the same way.
+HEAD_RESOURCE = "node:__internal_head__"  # Ray gives it (1.0) to the head node only
+TRIAL_FUNCTION_RESOURCES = {"cpu": DRIVER_CPU, HEAD_RESOURCE: 0.001}
 
 
 class TrialFailed(RuntimeError):

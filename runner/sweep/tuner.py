@@ -25,7 +25,12 @@ from ray.tune.search.optuna import OptunaSearch
 from runner.config import SweepConfig
 from runner.errors import UserError
 from runner.sweep import state, storage
-from runner.sweep.trial import DRIVER_CPU, run_trial
+from runner.sweep.trial import (
+    DRIVER_CPU,
+    HEAD_RESOURCE,
+    TRIAL_FUNCTION_RESOURCES,
+    run_trial,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +161,15 @@ def check_cluster(config: SweepConfig, address: str | None) -> None:
                             "machine, join a GPU cluster with --address, or set resources.gpu=0")
 
 
-def concurrency(config: SweepConfig, resources: dict[str, float]) -> int:
-    """How many trials fit at once: by GPU share, and by CPU (worker share + the trial driver's)."""
+def concurrency(config: SweepConfig, resources: dict[str, float], head_cpus: float | None = None) -> int:
+    """How many trials fit at once: by GPU share, by CPU (worker share + the trial driver's), and by the head
+    node's CPUs (`head_cpus`, if given), where every trial's driver runs (TRIAL_FUNCTION_RESOURCES)."""
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     need = config.resources
+    if head_cpus is not None and head_cpus < DRIVER_CPU:
+        raise UserError(f"--address: the cluster's head node has {head_cpus:g} CPUs; each trial's Tune function runs "
+                        f"there ({DRIVER_CPU} CPU apiece, so that losing a GPU node loses no trial) — start the head "
+                        "with CPUs (`ray start --head --num-cpus=4`; cluster.yaml gives it 4)")
     if need.gpu > 0 and gpus < need.gpu:
         raise UserError(f"resources.gpu: {need.gpu} GPU per trial requested but the cluster has {gpus:g} GPUs")
     if cpus < need.cpu + DRIVER_CPU:
@@ -168,9 +178,17 @@ def concurrency(config: SweepConfig, resources: dict[str, float]) -> int:
     fit = math.floor(cpus / (need.cpu + DRIVER_CPU) + 1e-9)
     if need.gpu > 0:
         fit = min(fit, math.floor(gpus / need.gpu + 1e-9))
+    if head_cpus is not None:
+        fit = min(fit, math.floor(head_cpus / DRIVER_CPU + 1e-9))
     if config.max_concurrent_trials is not None:
         fit = min(fit, config.max_concurrent_trials)
     return max(1, fit)
+
+
+def head_cpus() -> float:
+    """The CPUs of the connected cluster's head node."""
+    return sum(node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+               if node["Alive"] and HEAD_RESOURCE in node["Resources"])
 
 
 def make_scheduler(config: SweepConfig):
@@ -267,7 +285,7 @@ def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, resto
         tune.with_parameters(run_trial, base=config.trial.to_dict(), gpu=config.resources.gpu,
                              cpu=config.resources.cpu, max_failures=config.max_failures,
                              storage_path=storage_path, sweep=config.name),
-        {"cpu": DRIVER_CPU},
+        TRIAL_FUNCTION_RESOURCES,
     )
     if restore:
         return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{config.name}", trainable=trainable,  # a URI too
@@ -348,7 +366,7 @@ def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command
     resources = connect(address)
     if hold is not None:
         hold.announce(ray.get_runtime_context().gcs_address)
-    max_concurrent = concurrency(config, resources)
+    max_concurrent = concurrency(config, resources, head_cpus())
     if resume:
         sweep_run_id = state.read(config)["sweep_run_id"]
         tracker.client.update_run(sweep_run_id, status="RUNNING")

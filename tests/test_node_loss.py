@@ -1,0 +1,155 @@
+"""A real multi-host cluster on one machine, and a worker node lost mid-trial.
+
+Three hosts, each its own network namespace (`ip netns`) with its own IP and Ray `--temp-dir`, joined by veth
+pairs on a bridge inside the head's namespace (no route out of them: their traffic stays among them): the Ray
+head with the sweep driver, and two GPU workers. The driver joins the cluster by the head's address over that
+network. Once the trial has logged its first epoch, every process in the namespace of the node that trains it
+is SIGKILLed (its raylet, its workers): Ray Train restarts the trial's worker on the other node from the last
+checkpoint (shared storage: this machine's disk), the sweep finishes, the trial's MLflow run has each epoch
+once, and the champion is registered once.
+
+What cannot exist here: GPUs. The workers declare one logical GPU each; the tiny model trains on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import MODEL, SPACE, Collected, epochs_logged
+
+pytestmark = pytest.mark.slow
+
+SUBNET = "10.213.7"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+@contextmanager
+def hosts(names: tuple[str, ...]):
+    """Network namespaces `names[0]` (holding the bridge) and the rest, on SUBNET; yields name -> (ns, ip)."""
+    tag = os.getpid() % 100000
+    made: dict[str, tuple[str, str]] = {}
+    try:
+        for index, name in enumerate(names):
+            namespace, address = f"rt{tag}-{name}", f"{SUBNET}.{index + 2}"
+            sh("ip", "netns", "add", namespace)
+            made[name] = (namespace, address)
+            sh("ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "up")
+            if index == 0:
+                sh("ip", "netns", "exec", namespace, "ip", "link", "add", "br0", "type", "bridge")
+                sh("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{address}/24", "dev", "br0")
+                sh("ip", "netns", "exec", namespace, "ip", "link", "set", "br0", "up")
+                continue
+            head = made[names[0]][0]
+            sh("ip", "link", "add", f"v{index}", "netns", head, "type", "veth", "peer", "name", "eth0",
+               "netns", namespace)
+            sh("ip", "netns", "exec", head, "ip", "link", "set", f"v{index}", "master", "br0", "up")
+            sh("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+            sh("ip", "netns", "exec", namespace, "ip", "link", "set", "eth0", "up")
+    except subprocess.CalledProcessError as error:
+        remove(made)
+        pytest.skip(f"cannot make network namespaces here ({error.stderr.strip()}): this test needs root")
+    try:
+        yield made
+    finally:
+        remove(made)
+
+
+def kill_all_in(namespace: str) -> list[int]:
+    """SIGKILL every process in `namespace` (a host that dies at once); the pids killed."""
+    listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split()
+    pids = [int(pid) for pid in listed]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def remove(made: dict[str, tuple[str, str]]) -> None:
+    for namespace, _ in reversed(list(made.values())):
+        kill_all_in(namespace)
+        subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+        shutil.rmtree(temp_dir(namespace), ignore_errors=True)
+
+
+def in_namespace(namespace: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", namespace, *args]
+
+
+def temp_dir(namespace: str) -> Path:
+    """The host's Ray `--temp-dir`: short, since Ray's socket paths under it must fit in 107 characters."""
+    return Path("/tmp") / namespace
+
+
+def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway cluster
+    with hosts(("head", "gpu1", "gpu2")) as net:
+        (head, head_ip), port = net["head"], 6379
+        # The head schedules no trial work (no GPU); each worker node has one logical GPU and a CPU for its worker.
+        subprocess.run(in_namespace(head, RAY, "start", "--head", f"--node-ip-address={head_ip}", f"--port={port}",
+                                    "--num-cpus=1", "--num-gpus=0", f"--temp-dir={temp_dir(head)}",
+                                    "--dashboard-host", head_ip, "--disable-usage-stats"),
+                       check=True, capture_output=True, env=env, timeout=180)
+        for name in ("gpu1", "gpu2"):
+            namespace, address = net[name]
+            subprocess.run(in_namespace(namespace, RAY, "start", f"--address={head_ip}:{port}",
+                                        f"--node-ip-address={address}", "--num-cpus=1", "--num-gpus=1",
+                                        f"--temp-dir={temp_dir(namespace)}", "--disable-usage-stats"),
+                           check=True, capture_output=True, env=env, timeout=180)
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        # -v: the test reads which node's Train worker trains (Ray prefixes a remote worker's lines with its IP).
+        driver = subprocess.Popen(
+            in_namespace(head, sys.executable, "-m", "runner.cli", "-v", "tune", SPACE, "name=node-loss",
+                         f"storage_path={tmp_path / 'shared'}", f"tracking_uri={uri}", "resources.gpu=1",
+                         "resources.cpu=1", "num_samples=1", "trial.epochs=3", "scheduler.type=none",
+                         "space={learning_rate: {grid: [0.004]}, n_samples: {choice: [1000]}}",
+                         "test_max_examples=60", "trial.max_eval_examples=60", "--address", f"{head_ip}:{port}"),
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = Collected(driver.stdout)
+        try:
+            deadline = time.time() + 600
+            while not epochs_logged(uri) and time.time() < deadline and driver.poll() is None:
+                time.sleep(0.5)
+            assert epochs_logged(uri) == 1, log.text()[-3000:]
+            first = re.findall(rf"RayTrainWorker pid=\d+, ip=({re.escape(SUBNET)}\.\d+)\)", log.text())
+            assert first, log.text()[-3000:]
+            lost = next(name for name in ("gpu1", "gpu2") if net[name][1] == first[-1])
+            survivor = next(name for name in ("gpu1", "gpu2") if name != lost)
+            assert kill_all_in(net[lost][0]), "nothing ran on the node that trains the trial"
+            assert driver.wait(900) == 0, log.text()[-3000:]
+        finally:
+            (tmp_path / "driver.log").write_text(log.text())  # for a failed run
+            if driver.poll() is None:
+                driver.kill()
+            # (Not `ray stop`: it stops every Ray on the machine. Leaving `hosts` kills all in each namespace.)
+
+    text = log.text()
+    # The worker that restarted it ran on the other node, from the checkpoint of epoch 1.
+    resumed = re.findall(rf"RayTrainWorker pid=\d+, ip={re.escape(net[survivor][1])}\).*resumed from \S+ after "
+                         r"epoch 1", text)
+    assert resumed, text[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("quickstart")
+    (trial,) = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
+    assert trial.info.status == "FINISHED"
+    for key in ("train_loss", "val_exact_match"):  # nothing lost or doubled by the node's loss
+        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, key)) == [1, 2, 3]
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert len(versions) == 1 and versions[0].run_id == trial.info.run_id
+    assert client.get_model_version_by_alias(MODEL, "champion").version == versions[0].version
