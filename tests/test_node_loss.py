@@ -2,8 +2,9 @@
 
 Three hosts, each its own network namespace (`ip netns`) with its own IP and Ray `--temp-dir`, joined by veth
 pairs on a bridge inside the head's namespace (no route out of them: their traffic stays among them): the Ray
-head with the sweep driver, and two GPU workers. The driver joins the cluster by the head's address over that
-network. Once the trial has logged its first epoch, every process in the namespace of the node that trains it
+head with the sweep driver and a real `mlflow server`, and two GPU workers. The driver joins the cluster by
+the head's address over that network and tracks to the server there (the test reads the server's own
+SQLite store, since nothing outside the namespaces reaches it). Once the trial has logged its first epoch, every process in the namespace of the node that trains it
 is SIGKILLed (its raylet, its workers): Ray Train restarts the trial's worker on the other node from the last
 checkpoint (shared storage: this machine's disk), the sweep finishes, the trial's MLflow run has each epoch
 once, and the champion is registered once.
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from runner.pipeline import MLFLOW_SERVER_ENV
 from tests.conftest import MODEL, SPACE, Collected, epochs_logged
 
 pytestmark = pytest.mark.slow
@@ -97,6 +99,22 @@ def temp_dir(namespace: str) -> Path:
     return Path("/tmp") / namespace
 
 
+def start_mlflow_server(namespace: str, address: str, backend: str, artifacts: Path, port: int = 5000) -> str:
+    """A real `mlflow server` on the host `namespace` (one worker, as tests/conftest.py's); its URL, once
+    it answers /health from inside that host."""
+    subprocess.Popen(in_namespace(namespace, sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+                                  "--host", address, "--port", str(port), "--artifacts-destination", str(artifacts),
+                                  "--workers", "1"),
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **MLFLOW_SERVER_ENV})
+    url = f"http://{address}:{port}"
+    probe = f"import urllib.request; urllib.request.urlopen('{url}/health', timeout=5)"
+    deadline = time.time() + 180
+    while subprocess.run(in_namespace(namespace, sys.executable, "-c", probe), capture_output=True).returncode:
+        assert time.time() < deadline, f"mlflow server on {url} did not answer /health"
+        time.sleep(1)
+    return url
+
+
 def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway cluster
     with hosts(("head", "gpu1", "gpu2")) as net:
@@ -112,7 +130,8 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
                                         f"--node-ip-address={address}", "--num-cpus=1", "--num-gpus=1",
                                         f"--temp-dir={temp_dir(namespace)}", "--disable-usage-stats"),
                            check=True, capture_output=True, env=env, timeout=180)
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        backend = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        uri = start_mlflow_server(head, head_ip, backend, tmp_path / "artifacts")
         # -v: the test reads which node's Train worker trains (Ray prefixes a remote worker's lines with its IP).
         driver = subprocess.Popen(
             in_namespace(head, sys.executable, "-m", "runner.cli", "-v", "tune", SPACE, "name=node-loss",
@@ -124,9 +143,9 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
         log = Collected(driver.stdout)
         try:
             deadline = time.time() + 600
-            while not epochs_logged(uri) and time.time() < deadline and driver.poll() is None:
+            while not epochs_logged(backend) and time.time() < deadline and driver.poll() is None:
                 time.sleep(0.5)
-            assert epochs_logged(uri) == 1, log.text()[-3000:]
+            assert epochs_logged(backend) == 1, log.text()[-3000:]
             first = re.findall(rf"RayTrainWorker pid=\d+, ip=({re.escape(SUBNET)}\.\d+)\)", log.text())
             assert first, log.text()[-3000:]
             lost = next(name for name in ("gpu1", "gpu2") if net[name][1] == first[-1])
@@ -144,7 +163,7 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
     resumed = re.findall(rf"RayTrainWorker pid=\d+, ip={re.escape(net[survivor][1])}\).*resumed from \S+ after "
                          r"epoch 1", text)
     assert resumed, text[-3000:]
-    client = MlflowClient(uri)
+    client = MlflowClient(backend)  # the server's own store (the server itself is gone with the namespaces)
     experiment = client.get_experiment_by_name("quickstart")
     (trial,) = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
     assert trial.info.status == "FINISHED"
@@ -153,3 +172,4 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert len(versions) == 1 and versions[0].run_id == trial.info.run_id
     assert client.get_model_version_by_alias(MODEL, "champion").version == versions[0].version
+    assert any((tmp_path / "artifacts").rglob("adapter_model.safetensors"))  # sent to the server over the veths
