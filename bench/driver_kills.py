@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -29,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.conftest import (  # noqa: E402
     MODEL,
     SPACE,
-    cli_process,
     epochs_logged,
     finished_runs,
+    kill_when,
     kill_while_scoring,
     run_cli,
 )
@@ -43,23 +42,6 @@ def sweep_args(root: Path, uri: str) -> list[str]:
     return [SPACE, "name=kills", f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "num_samples=1",
             "trial.epochs=2", "trial.max_eval_examples=50", "max_concurrent_trials=1", "test_max_examples=100",
             "scheduler.type=none", "space={learning_rate: {grid: [3.0e-3, 5.0e-3]}, n_samples: {choice: [200]}}"]
-
-
-def kill_tune_when(args: list[str], root: Path, ready) -> float:
-    """Start `runner tune`; SIGKILL it with everything it started once `ready()`; seconds until then."""
-    started = time.time()
-    driver = cli_process("tune", *args, cwd=root)
-    try:
-        while driver.poll() is None and not ready() and time.time() - started < 900:
-            time.sleep(0.2)
-        if driver.poll() is not None:
-            raise RuntimeError(f"the sweep ended (exit {driver.returncode}) before the moment came")
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(30)
-        return time.time() - started
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
 
 
 def one(moment: str, root: Path) -> dict:
@@ -78,7 +60,9 @@ def one(moment: str, root: Path) -> dict:
     else:
         ready = ((lambda: epochs_logged(uri) >= 1 and not finished_runs(uri)) if moment == "mid-trial"
                  else (lambda: len(finished_runs(uri)) >= 1))
-        killed_at = kill_tune_when(args, root, ready)
+        started = time.time()
+        kill_when(["tune", *args], root, ready, timeout=900)
+        killed_at = time.time() - started
         before = finished_runs(uri)
         again = run_cli("tune", *args, "--resume", cwd=root)
     problems = [] if again.returncode == 0 else [f"the re-run exited {again.returncode}: {again.stderr[-300:]}"]

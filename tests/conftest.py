@@ -156,15 +156,23 @@ def kill_in_first_trial(args: list[str], cwd: Path, uri: str) -> None:
     """Start the CLI with `args`; SIGKILL it with the local Ray cluster it started once its first trial has
     logged an epoch (and before that trial has finished)."""
     epochs, finished = epochs_logged(uri), len(finished_runs(uri))
+    log = kill_when(args, cwd, lambda: epochs_logged(uri) > epochs)
+    assert epochs_logged(uri) > epochs and len(finished_runs(uri)) == finished, log[-3000:]
+
+
+def kill_when(args: list[str], cwd: Path, ready, timeout: float = 600) -> str:
+    """Start the CLI with `args`; once `ready()`, SIGKILL it with everything it started (its process group:
+    the local Ray cluster too); returns what it printed. A CLI that ended before the moment fails the test."""
     driver = cli_process(*args, cwd=cwd)
     log = Collected(driver.stdout)
     try:
-        deadline = time.time() + 600
-        while time.time() < deadline and driver.poll() is None and epochs_logged(uri) == epochs:
-            time.sleep(0.5)
+        deadline = time.time() + timeout
+        while time.time() < deadline and driver.poll() is None and not ready():
+            time.sleep(0.2)
+        assert driver.poll() is None, (f"it ended (exit {driver.returncode}) before the moment came", log.text()[-3000:])
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(30)
-        assert epochs_logged(uri) > epochs and len(finished_runs(uri)) == finished, log.text()[-3000:]
+        return log.text()
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
@@ -192,16 +200,29 @@ def faults(tiny_model, tmp_path_factory):
 
 
 @contextmanager
-def small_disk(mount_point: Path):
-    """A 40 MB tmpfs at `mount_point` (root only: else a plain folder, and the disk-full part is skipped)."""
+def small_disk(mount_point: Path, megabytes: int = 40):
+    """A tmpfs of `megabytes` at `mount_point` (root only: else a plain folder, and `mounted` says why not)."""
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount_point)],
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mount_point)],
                              capture_output=True, text=True)
     try:
         yield {"path": mount_point, "mounted": mounted.returncode == 0, "why": mounted.stderr.strip()}
     finally:
         if mounted.returncode == 0:
             subprocess.run(["umount", "--lazy", str(mount_point)], check=True)  # lazy: a Ray log may be open
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file in `folder` until its disk is full to the last byte, as another program would; its path."""
+    filler = folder / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 2**16)
+                handle.flush()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC, error
+    return filler
 
 
 def run_faults(root: Path, disk: dict) -> dict:
@@ -259,19 +280,13 @@ def fill_disk_during_last_trial(args: list[str], cwd: Path, uri: str, disk: dict
     good_lr = str(FAULT_LRS["good"])
     driver = cli_process("tune", *args, "--no-promote", "--resume", cwd=cwd)
     log = Collected(driver.stdout)
-    filler = disk["path"] / "filler"
+    filler = disk["path"] / "filler"  # fill_disk's
     try:
         deadline = time.time() + 600
         while time.time() < deadline and driver.poll() is None and not epochs_logged(uri, good_lr):
             time.sleep(0.5)
         assert epochs_logged(uri, good_lr) == 1, log.text()[-3000:]
-        with filler.open("wb") as handle:  # what another program on the disk does
-            try:
-                while True:
-                    handle.write(b"\0" * 2**16)
-                    handle.flush()
-            except OSError as error:
-                assert error.errno == errno.ENOSPC, error
+        fill_disk(disk["path"])
         returncode = driver.wait(300)
         (cwd / "disk_full_driver.log").write_text(log.text())
         states = {path.name: path.read_text() for path in (disk["path"] / "ray" / "faults").glob("experiment_state-*")}
@@ -312,16 +327,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def mlflow_server_command(backend_uri: str, artifacts: Path, host: str, port: int) -> list[str]:
+    """One worker process, not MLflow's default four: each imports the server (~5 CPU-seconds), and one
+    serves these tests."""
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", host,
+            "--port", str(port), "--artifacts-destination", str(artifacts), "--workers", "1"]
+
+
 @contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, port: int | None = None):
-    """A real `mlflow server` on loopback over `backend_uri`; yields its base URL, stops it after. One worker
-    process, not MLflow's default four: each imports the server (~5 CPU-seconds), and one serves these tests."""
+    """A real `mlflow server` on loopback over `backend_uri`; yields its base URL, stops it after."""
     port = port or free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1",
-         "--port", str(port), "--artifacts-destination", str(artifacts), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, **MLFLOW_SERVER_ENV})  # as `runner ui` starts it: no job-queue processes
+    process = subprocess.Popen(mlflow_server_command(backend_uri, artifacts, "127.0.0.1", port),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={**os.environ, **MLFLOW_SERVER_ENV})  # as `runner ui`: no job-queue processes
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

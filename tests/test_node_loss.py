@@ -28,7 +28,7 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.pipeline import MLFLOW_SERVER_ENV
-from tests.conftest import MODEL, SPACE, Collected, epochs_logged
+from tests.conftest import MODEL, SPACE, Collected, epochs_logged, mlflow_server_command
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,10 @@ def hosts(names: tuple[str, ...]):
             sh("ip", "netns", "exec", head, "ip", "link", "set", f"v{index}", "master", "br0", "up")
             sh("ip", "netns", "exec", namespace, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
             sh("ip", "netns", "exec", namespace, "ip", "link", "set", "eth0", "up")
-    except subprocess.CalledProcessError as error:
+    except (subprocess.CalledProcessError, FileNotFoundError) as error:
         remove(made)
-        pytest.skip(f"cannot make network namespaces here ({error.stderr.strip()}): this test needs root")
+        why = error.stderr.strip() if isinstance(error, subprocess.CalledProcessError) else error
+        pytest.skip(f"cannot make network namespaces here ({why}): this test needs root and iproute2")
     try:
         yield made
     finally:
@@ -100,11 +101,9 @@ def temp_dir(namespace: str) -> Path:
 
 
 def start_mlflow_server(namespace: str, address: str, backend: str, artifacts: Path, port: int = 5000) -> str:
-    """A real `mlflow server` on the host `namespace` (one worker, as tests/conftest.py's); its URL, once
+    """A real `mlflow server` on the host `namespace` (as tests/conftest.py's); its URL, once
     it answers /health from inside that host."""
-    subprocess.Popen(in_namespace(namespace, sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                                  "--host", address, "--port", str(port), "--artifacts-destination", str(artifacts),
-                                  "--workers", "1"),
+    subprocess.Popen(in_namespace(namespace, *mlflow_server_command(backend, artifacts, address, port)),
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **MLFLOW_SERVER_ENV})
     url = f"http://{address}:{port}"
     probe = f"import urllib.request; urllib.request.urlopen('{url}/health', timeout=5)"

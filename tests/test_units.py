@@ -18,7 +18,7 @@ from runner.registry.promote import decide
 from runner.sweep.tuner import concurrency, own_cluster_env
 from runner.tracking.callback import TrialRuns, failed_updates
 from runner.tracking.client import PARENT_TAG, TRIAL_TAG, Tracker, code_version
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, fill_disk, free_port
 
 # --- the MLflow callback's journal ------------------------------------------------------------------
 
@@ -373,31 +373,18 @@ def test_a_sweeps_ray_processes_are_told_their_own_cluster(monkeypatch):
 @pytest.fixture
 def small_disk(tmp_path):
     """A mounted tmpfs of the size the test asks for: `small_disk(megabytes)` -> its path."""
-    mounted = []
+    from contextlib import ExitStack
 
-    def mount(megabytes: int) -> Path:
-        point = tmp_path / f"disk{len(mounted)}"
-        point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(point)],
-                                capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): the full-disk tests need root")
-        mounted.append(point)
-        return point
+    from tests.conftest import small_disk as mount
 
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", str(point)], check=True)
+    with ExitStack() as stack:
+        def make(megabytes: int) -> Path:
+            disk = stack.enter_context(mount(tmp_path / f"disk{megabytes}", megabytes))
+            if not disk["mounted"]:
+                pytest.skip(f"cannot mount a tmpfs here ({disk['why']}): the full-disk tests need root")
+            return disk["path"]
 
-
-def fill(disk: Path) -> None:
-    with (disk / "filler").open("wb") as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 2**16)
-                handle.flush()
-        except OSError:
-            pass
+        yield make
 
 
 def test_a_disk_without_room_for_the_sweeps_reserve_is_refused_before_anything_is_written(small_disk):
@@ -427,7 +414,7 @@ def test_the_guard_releases_the_reserve_and_stops_tune_once_the_disk_is_full(sma
         guard.on_step_begin(0, [])
         assert stops == [] and reserve.exists()  # 4 MB free: room for the next checkpoints
         storage.check_not_stopped(config, reserve, "runner tune space.yaml")
-        fill(disk)
+        fill_disk(disk)
         guard._checked = 0.0  # the next look (once a second)
         guard.on_step_begin(1, [])
         assert stops == ["SIGUSR1"] and not reserve.exists()
@@ -442,7 +429,7 @@ def test_a_journal_that_a_full_disk_cannot_take_waits_in_memory_and_reaches_mlfl
                                                                                    sqlite_sweep, caplog):
     uri, tracker, sweep = sqlite_sweep
     disk = small_disk(1)
-    fill(disk)
+    fill_disk(disk)
     runs = TrialRuns(uri, "units", sweep, "val_exact_match", "max", TrialConfig().to_dict(), str(disk),
                      disk / "pending.jsonl", tmp_path / "failed.jsonl")
     for update in updates("t1", 2):
@@ -460,7 +447,7 @@ def test_the_sweeps_log_file_on_a_full_disk_says_so_once_not_a_traceback_per_rec
 
     disk = small_disk(1)
     handler = SweepLog(disk / "runner.log")
-    fill(disk)
+    fill_disk(disk)
     logger = logging.getLogger("runner.test-full-disk")
     logger.addHandler(handler)
     try:
