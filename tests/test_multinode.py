@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from runner.tracking.callback import read_journal
 from tests.conftest import (
     Collected,
     cli_process,
@@ -42,7 +43,8 @@ def two_node_cluster(monkeypatch):
 
 
 def own_data_space(tmp_path: Path) -> Path:
-    """A team's own CSV (400 images, 1,194 training questions), mapped and filtered in the space file."""
+    """A team's own CSV (400 images, 1,194 training questions), mapped and filtered in the space file. The
+    two trials differ in length (500 and 1,000 samples): the short one's epoch 2 ends well before the sweep."""
     data = own_csv(tmp_path / "ours", n_images=400)
     space = tmp_path / "ours.yaml"
     space.write_text(f"""name: ours
@@ -59,7 +61,7 @@ trial:
   epochs: 2
   batch_size: 16
   max_eval_examples: 60
-space: {{learning_rate: {{grid: [0.003, 0.004]}}, n_samples: {{choice: [1000]}}}}
+space: {{learning_rate: {{choice: [0.004]}}, n_samples: {{grid: [500, 1000]}}}}
 num_samples: 1
 scheduler: {{type: none}}
 test_max_examples: 60
@@ -90,9 +92,12 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
         down_at = time.time()
         server.__exit__(None, None, None)  # MLflow goes away after the first epoch reached it
         up = False
-        while "MLflow unreachable" not in log.text() and driver.poll() is None:
-            time.sleep(0.5)
+        journal = shared / "on-cluster" / "mlflow_pending.jsonl"
+        while not (epoch_2_queued := any(update["kind"] == "result" and update["epoch"] == 2
+                                         for update in read_journal(journal))) and driver.poll() is None:
+            time.sleep(0.5)  # the outage lasts until a trial has trained a whole epoch through it
         assert driver.poll() is None, ("the sweep ended during the outage", log.text()[-3000:])
+        assert epoch_2_queued and "MLflow unreachable" in log.text()
         server = mlflow_server(backend, artifacts, port)
         server.__enter__()
         up, back_at = True, time.time()
@@ -100,7 +105,7 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
 
         text = log.text()
         assert "MLflow reachable again: every queued update is written" in text
-        assert not (shared / "on-cluster" / "mlflow_pending.jsonl").exists()
+        assert not journal.exists()
         client = MlflowClient(f"http://127.0.0.1:{port}")
         experiment = client.get_experiment_by_name("ours")
         trials = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
@@ -111,7 +116,7 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
             assert sorted(m.step for m in history) == [1, 2]
             trained_meanwhile += [m.step for m in history if down_at <= m.timestamp / 1000 < back_at]
             assert "best_val_exact_match" in run.data.metrics
-        assert 2 in trained_meanwhile, trained_meanwhile  # an epoch ended (Tune's stamp, whole seconds) in the outage
+        assert 2 in trained_meanwhile, trained_meanwhile  # Tune's stamp (whole seconds): it ended in the outage
         placements = {run.data.tags["runner.placement"] for run in trials}
         nodes = {placement.split(" node ")[1].split()[0] for placement in placements}
         assert len(nodes) == 2, placements  # one trial on each node, each on its node's GPU 0
