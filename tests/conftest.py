@@ -65,6 +65,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: the rest keep their file order
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to run each shared fixture once per worker (the suite's time doubles, silently): pytest-xdist 3.8
+    puts a test's group into `Item._nodeid`, which pytest 9.2 no longer reads (CI, 2026-12-03: 20 min, not 15)."""
+    from _pytest.nodes import Node
+
+    if getattr(config.option, "dist", "no") == "loadgroup" and "_nodeid" not in Node.__slots__:
+        raise pytest.UsageError(f"pytest {pytest.__version__} ignores pytest-xdist's --dist loadgroup: "
+                                "install requirements.txt's pytest")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory) -> Path:
     """Every test (and every CLI subprocess) keeps its image-feature cache in one session folder."""
