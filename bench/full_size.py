@@ -26,7 +26,7 @@ from transformers import (
     T5Config,
 )
 
-from runner.model.blip2 import resolve_model
+from runner.model.paths import resolve_model
 
 NUM_QUERY_TOKENS = 32
 

@@ -27,7 +27,6 @@ from speed import timed  # noqa: E402
 from runner.config import TrialConfig  # noqa: E402
 from runner.model.blip2 import (  # noqa: E402
     add_lora,
-    cache_dir,
     encode_answers,
     encode_prompts,
     image_token_id,
@@ -35,6 +34,7 @@ from runner.model.blip2 import (  # noqa: E402
     text_embeddings,
 )
 from runner.model.features import compute_image_features  # noqa: E402
+from runner.model.paths import cache_dir  # noqa: E402
 from runner.train.loop import TrainState, train_epoch  # noqa: E402
 from tasks import get_task  # noqa: E402
 

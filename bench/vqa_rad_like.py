@@ -75,6 +75,6 @@ def build(out: Path, tokenizer_dir: str) -> Path:
 
 
 if __name__ == "__main__":
-    from runner.model.blip2 import resolve_model
+    from runner.model.paths import resolve_model
 
     build(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else resolve_model("tiny"))

@@ -198,7 +198,7 @@ class KeyCache:
 
     @classmethod
     def open(cls) -> KeyCache:
-        # The same node cache as the image features (runner.model.blip2.cache_dir).
+        # The same node cache as the image features (runner.model.paths.cache_dir).
         root = Path(os.environ.get("RUNNER_CACHE", Path.home() / ".cache" / "blip2-lora-runner"))
         return cls(root / "image-keys.sqlite")
 

@@ -91,7 +91,7 @@ def private_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from runner.model.blip2 import resolve_model
+    from runner.model.paths import resolve_model
 
     return Path(resolve_model("tiny"))
 

@@ -6,7 +6,8 @@ import json
 import pytest
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-from runner.tiny.recipe import Recipe, build_with_recipe, quality_gate
+from runner.tiny import Recipe
+from runner.tiny.recipe import build_with_recipe, quality_gate
 
 pytestmark = pytest.mark.slow  # it trains (~30 s)
 

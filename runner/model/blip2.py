@@ -7,7 +7,6 @@ through the same `from_pretrained` code; only the name resolves differently.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -16,25 +15,11 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 from runner.config import Precision
 from runner.config.schema import QFORMER_TARGETS
 from runner.errors import UserError
-from runner.tiny import TINY_MODEL
+from runner.model.paths import cache_dir, resolve_model
 
 log = logging.getLogger(__name__)
 
 T5_FEED_FORWARD_IN = ("wi", "wi_0", "wi_1")  # `wi`: one projection, or two in gated Flan-T5 (wi_0, wi_1)
-
-
-def cache_dir() -> Path:
-    """This node's cache (image features, quantised weights), kept between runs: RUNNER_CACHE or ~/.cache/blip2-lora-runner."""
-    return Path(os.environ.get("RUNNER_CACHE", Path.home() / ".cache" / "blip2-lora-runner"))
-
-
-def resolve_model(name: str) -> str:
-    """`tiny` → the shipped tiny model's directory (verified); anything else (hub id, path) as given."""
-    if name != TINY_MODEL:
-        return name
-    from runner.tiny import model_dir
-
-    return str(model_dir())
 
 
 def resolve_device(requested: str) -> torch.device:

@@ -128,7 +128,7 @@ def trial_feature_cache(config, dtype: torch.dtype, loaded, processor,
                         vision_only: bool = False) -> FeatureCache | None:
     """The node's cache for a trial's model and precision (None when the trial turns it off); `vision_only`
     for the vision tower's output (a Q-Former that trains)."""
-    from runner.model.blip2 import cache_dir, resolve_model
+    from runner.model.paths import cache_dir, resolve_model
 
     if not config.cache_image_features:
         return None

@@ -115,7 +115,7 @@ class LocalClusterHold:
     def __init__(self, sweep: str):
         import fcntl
 
-        from runner.model.blip2 import cache_dir
+        from runner.model.paths import cache_dir
 
         self.sweep = sweep
         path = cache_dir() / "local-cluster.lock"
@@ -309,7 +309,7 @@ def check_inputs(config: SweepConfig):
     exists, int8 has a GPU. Returns the task (its train and validation splits loaded)."""
     import importlib.util
 
-    from runner.model.blip2 import resolve_model
+    from runner.model.paths import resolve_model
     from runner.tiny import TINY_MODEL
     from tasks import get_task
 

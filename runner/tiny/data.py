@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runner.tiny import Recipe
 from runner.tiny.recipe import (
     COLORS,
     EOS,
@@ -22,7 +23,6 @@ from runner.tiny.recipe import (
     PAD,
     SHAPES,
     UNK,
-    Recipe,
 )
 
 log = logging.getLogger(__name__)

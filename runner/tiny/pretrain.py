@@ -17,6 +17,7 @@ from runner.model.blip2 import (
     image_token_id,
     text_embeddings,
 )
+from runner.tiny import Recipe
 from runner.tiny.data import PretrainingData, vocabulary
 from runner.tiny.recipe import (
     CAPTION_PROMPT,
@@ -30,7 +31,6 @@ from runner.tiny.recipe import (
     PAD,
     SHAPES,
     UNK,
-    Recipe,
 )
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +45,7 @@ from runner.model.blip2 import (
     encode_answers,
     image_token_id,
 )
-from runner.tiny import TINY_VERSION
+from runner.tiny import TINY_VERSION, Recipe
 
 if TYPE_CHECKING:
     from transformers import Blip2ForConditionalGeneration
@@ -73,32 +73,6 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2 as in T5
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP: BlipImageProcessor's defaults
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 NO_LABEL = -100
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Every number of the build; written to TINY_MODEL.json."""
-
-    image_size: int = 64  # the easy-VQA images' own size: the processor's resize is a no-op
-    patch_size: int = 8  # 64 patches
-    vision_hidden: int = 64  # ViT and Q-Former width (Q-Former cross-attends the ViT directly)
-    vision_layers: int = 2
-    qformer_layers: int = 2
-    heads: int = 4
-    num_query_tokens: int = 8
-    text_d_model: int = 64  # 128 was slower and no better after LoRA
-    text_layers: int = 2  # encoder and decoder each
-    text_ff: int = 128
-    pretrain_images: int = 3000  # train images 0..N-1 pre-train; the rest of train is held out
-    stage1_steps: int = 1200
-    stage1_batch: int = 32
-    stage1_lr: float = 3e-3
-    mask_grid: int = 4  # each patch predicts its foreground on a mask_grid x mask_grid raster
-    stage2_steps: int = 500
-    stage2_batch: int = 64
-    stage2_lr: float = 2e-3
-    itm_fraction: float = 0.5  # share of stage-2 examples that are matching statements
-    threads: int = 2  # fixed, so the build is the same wherever it runs (float summation order)
 
 
 def build_tiny_blip2(output_dir: Path, *, seed: int = 0, log_every: int = 100) -> Path:

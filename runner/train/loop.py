@@ -39,7 +39,6 @@ from runner.model.blip2 import (
     image_token_id,
     load_blip2,
     resolve_device,
-    resolve_model,
     text_embeddings,
 )
 from runner.model.features import (
@@ -47,6 +46,7 @@ from runner.model.features import (
     compute_image_features,
     trial_feature_cache,
 )
+from runner.model.paths import resolve_model
 from runner.model.preflight import preflight
 from runner.train import checkpoint
 from tasks import get_task
