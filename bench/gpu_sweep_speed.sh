@@ -3,10 +3,11 @@
 # BLIP-2 on VQA-RAD-like data (bench/vqa_rad_like.py through the vqa_rad local loader), 4 trials sharing the
 # card at 0.25 under CUDA MPS, by today's code and by the code before this change, each with a cold node cache
 # (image features and quantised weights), the whole pipeline (sweep, promotion, zero-shot, one-shot, report).
-# Also the int8 path bench (bench/int8_path.py). Each run's log lines are stamped with seconds since its start;
+# Also the int8 path bench (bench/int8_path.py) and post-sweep scoring by batch size (bench/decode_speed.py). Each run's log lines are stamped with seconds since its start;
 # GPU utilisation sampled every second.
 #
 #   PARTS="int8 new old" bash bench/gpu_sweep_speed.sh      # old: the code at $OLD (a `git archive` of it)
+#   PARTS=decode bash bench/gpu_sweep_speed.sh              # generation batch sizes (DECODE_BATCHES)
 set -uo pipefail
 source bench/gpu_env.sh
 ROOT=$PWD OLD=${OLD:-$PWD/.old}
@@ -33,6 +34,9 @@ for part in ${PARTS:-int8 new old}; do
   case $part in
     int8) RUNNER_CACHE=/tmp/cache-int8 timeout ${INT8_GUARD:-300} python3 bench/int8_path.py /tmp/full /tmp/vqa-rad \
             "$OUT" 2>&1 | grep -v "MatMul8bitLt\|Loading weights\|Writing model" | tee "$OUT/int8_path.log" | tail -14 ;;
+    decode) RUNNER_CACHE=/tmp/cache-decode timeout ${DECODE_GUARD:-400} python3 bench/decode_speed.py /tmp/full \
+              /tmp/vqa-rad int8 ${DECODE_BATCHES:-32 64 128 256} 2>&1 | grep -v "MatMul8bitLt\|Loading weights" \
+              | tee "$OUT/decode_speed.log" | tail -9 ;;
     new) sweep "$ROOT" new ;;
     old) sweep "$OLD" old ;;
   esac

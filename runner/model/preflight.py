@@ -26,6 +26,10 @@ GIB = 2**30
 # keeps bf16 activations, so this over- rather than under-estimates): docs/PERFORMANCE.md.
 ACTIVATION_BYTES_PER_UNIT = 4_700
 CHECKPOINTING_SAVES = 0.3  # measured: 0.12 vs 0.43 GiB per question with gradient checkpointing
+# Greedy generation keeps no activations for backward: measured on an H200 (bench/decode_speed.py, int8,
+# 2026-12-03), batch 256 took 2.7 GiB more than batch 32, ~0.012 GiB per question, 1/36 of a training
+# question; planned as 1/32.
+GENERATED_PER_TRAINED = 32
 CUDA_CONTEXT_GIB = 0.5  # the CUDA context and allocator slack, never available to tensors
 MARGIN = 0.9  # plan to use at most 90% of what the card offers
 
@@ -73,7 +77,7 @@ def estimate(config: TrialConfig, model_path: str, compute_dtype: torch.dtype, d
     if config.gradient_checkpointing:
         per_question *= CHECKPOINTING_SAVES
     weights = weight_bytes(model_path, config.precision, compute_dtype, config.model_revision)
-    activations = per_question * max(config.batch_size, config.eval_batch_size // 4)
+    activations = per_question * max(config.batch_size, config.eval_batch_size / GENERATED_PER_TRAINED)
     free, total = torch.cuda.mem_get_info(device)
     available = available_gib(free, total, gpu_share, config.gpu_memory_gib)
     return Estimate(weights / GIB, activations / GIB, (weights + activations) / GIB, available)
