@@ -8,6 +8,7 @@
 #
 #   PARTS="int8 new old" bash bench/gpu_sweep_speed.sh      # old: the code at $OLD (a `git archive` of it)
 #   PARTS=decode bash bench/gpu_sweep_speed.sh              # generation batch sizes (DECODE_BATCHES)
+#   SWEEP_ARGS=trial.eval_batch_size=32 PARTS=old bash ...   # more overrides for the sweeps
 set -uo pipefail
 source bench/gpu_env.sh
 ROOT=$PWD OLD=${OLD:-$PWD/.old}
@@ -20,7 +21,7 @@ sweep() {  # $1: code tree, $2: name
     tune "$ROOT/search_spaces/vqa_rad.yaml" name=$2 trial.model=/tmp/full trial.data=/tmp/vqa-rad trial.epochs=2 \
     num_samples=1 'space={lora_rank: {grid: [8, 16]}, n_samples: {grid: [800, 1600]}}' trial.learning_rate=1e-4 \
     scheduler.type=none resources.gpu=0.25 resources.cpu=3 test_max_examples=null storage_path=/tmp/ray-$2 \
-    tracking_uri=sqlite:////tmp/mlruns-$2/mlflow.db 2>&1) | stamp > "$OUT/sweep_$2.log"
+    tracking_uri=sqlite:////tmp/mlruns-$2/mlflow.db ${SWEEP_ARGS:-} 2>&1) | stamp > "$OUT/sweep_$2.log"
   echo "sweep $2: rc ${PIPESTATUS[0]}, wall $(( $(date +%s) - began )) s" | tee -a "$OUT/summary.txt"
   kill $smi
   grep -E "image features:|quantised weights|promotion:|report:|stage|sweep .*: up to|TERMINATED|ERROR|Error|cast notices" \
