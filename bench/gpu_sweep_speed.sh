@@ -3,8 +3,8 @@
 # BLIP-2 on VQA-RAD-like data (bench/vqa_rad_like.py through the vqa_rad local loader), 4 trials sharing the
 # card at 0.25 under CUDA MPS, by today's code and by the code before this change, each with a cold node cache
 # (image features and quantised weights), the whole pipeline (sweep, promotion, zero-shot, one-shot, report).
-# Also the int8 path bench (bench/int8_path.py) and post-sweep scoring by batch size (bench/decode_speed.py). Each run's log lines are stamped with seconds since its start;
-# GPU utilisation sampled every second.
+# Also the int8 path bench (bench/int8_path.py) and post-sweep scoring by batch size (bench/decode_speed.py).
+# Each run's log lines are stamped with seconds since its start; GPU utilisation sampled every second.
 #
 #   PARTS="int8 new old" bash bench/gpu_sweep_speed.sh      # old: the code at $OLD (a `git archive` of it)
 #   PARTS=decode bash bench/gpu_sweep_speed.sh              # generation batch sizes (DECODE_BATCHES)
