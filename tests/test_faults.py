@@ -70,6 +70,8 @@ def test_a_full_disk_stops_the_sweep_with_its_state_whole_and_resume_finishes_it
     assert f"no space left on device in {faults['storage']}" in errors[0] and "--resume" in errors[0], errors
     at = stopped["output"].find("Traceback")
     assert at < 0, stopped["output"][max(0, at - 500):at + 2500]
+    # Resumed without -v (the first driver had it): quiet, as a sweep started quietly; no Tune tables.
+    assert "Trial status:" not in stopped["output"] and "Configuration for experiment" not in stopped["output"]
     # Tune's experiment state, as the full disk left it: whole (and the resume then read it).
     assert stopped["states"] and all(json.loads(text) for text in stopped["states"].values())
     runs = trial_runs(faults["uri"])

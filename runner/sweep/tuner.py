@@ -287,18 +287,24 @@ def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, resto
                              storage_path=storage_path, sweep=config.name),
         TRIAL_FUNCTION_RESOURCES,
     )
+    verbose = 1 if console.is_verbose() else 0  # Tune's own status tables only with -v (progress.py: ours)
     if restore:
-        return tune.Tuner.restore(f"{storage_path.rstrip('/')}/{config.name}", trainable=trainable,  # a URI too
-                                  param_space=param_space(config), resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(f"{storage_path.rstrip('/')}/{config.name}", trainable=trainable,  # a URI too
+                                   param_space=param_space(config), resume_unfinished=True, resume_errored=False)
+        # Restore brings back the first run's RunConfig, its verbosity too (a sweep started with -v resumed
+        # quietly printed Tune's tables); Ray 2.60 has no public setter: Tune itself sets the restored
+        # config's name and storage_path this way.
+        if tuner._local_tuner is not None:  # None through a ray:// client (its tuner runs on the cluster)
+            tuner._local_tuner._run_config.verbose = verbose
+        return tuner
     return tune.Tuner(
         trainable,
         param_space=param_space(config),
         tune_config=tune.TuneConfig(
             metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
             num_samples=config.num_samples, search_alg=search_algorithm(config, max_concurrent)),
-        # Tune's own status tables only with -v; runner/sweep/progress.py prints the live view.
         run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=callbacks,
-                                  verbose=1 if console.is_verbose() else 0,
+                                  verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
