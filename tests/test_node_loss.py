@@ -171,4 +171,9 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
     versions = client.search_model_versions(f"name = '{MODEL}'")
     assert len(versions) == 1 and versions[0].run_id == trial.info.run_id
     assert client.get_model_version_by_alias(MODEL, "champion").version == versions[0].version
+    # Promotion and the stages scored on a GPU worker — the survivor, where the trial ended — not on the head.
+    survivor_placement = trial.data.tags["runner.placement"]
+    assert survivor_placement.endswith("GPU 0") and versions[0].tags["test_placement"] == survivor_placement
+    stages = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'stage'")
+    assert len(stages) == 2 and {run.data.tags["runner.placement"] for run in stages} == {survivor_placement}
     assert any((tmp_path / "artifacts").rglob("adapter_model.safetensors"))  # sent to the server over the veths

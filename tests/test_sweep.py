@@ -78,6 +78,7 @@ def test_champion_moves_only_for_a_better_model(store):
     assert lineage["trial_run_id"] in {run.info.run_id for run in children}
     assert {"lora_rank", "learning_rate", "n_samples"} <= json.loads(lineage["trial_params"]).keys()
     assert lineage["base_model"] == "tiny" and len(lineage["train_fingerprint"]) == 64
+    assert lineage["test_placement"].endswith("GPU none")  # a CPU sweep scores in its driver (a cluster: tests/test_node_loss.py)
     assert lineage["test_fingerprint"] == versions[2].tags["test_fingerprint"]  # same test questions
     # The champion sees the image: its test accuracy is far above the shuffled-image control.
     assert float(lineage["test_exact_match"]) > float(lineage["test_shuffled_exact_match"]) + 0.10

@@ -9,9 +9,12 @@ checkpoint travels as bytes through Ray, so MLflow stays on the head.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def pack(directory: Path) -> dict[str, bytes]:
@@ -40,6 +43,11 @@ class PackedScorer:
     def score(self, with_adapter: bool, one_shot: bool = False):
         return self.scorer.score(with_adapter=with_adapter, one_shot=one_shot)
 
+    def placement(self) -> str:
+        from runner.placement import placement
+
+        return placement()
+
 
 class TestScorer:
     """The test-split scorer of one trial's checkpoint, loaded on first use, once.
@@ -60,6 +68,7 @@ class TestScorer:
         self._folder: Path | None = None
         self._scorer = None
         self.remote = False
+        self.placement = ""  # where the scorer runs (host, Ray node, GPU), once it is loaded
 
     @property
     def folder(self) -> Path:
@@ -80,6 +89,8 @@ class TestScorer:
                 self._scorer = actor.remote(files, self.test_max_examples)
             else:
                 self._scorer = PackedScorer(files, self.test_max_examples)
+            self.placement = ray.get(self._scorer.placement.remote()) if self.remote else self._scorer.placement()
+            log.info("test scoring on %s", self.placement)
         if self.remote:
             return ray.get(self._scorer.score.remote(with_adapter, one_shot))
         return self._scorer.score(with_adapter, one_shot)

@@ -117,7 +117,7 @@ def promote(tracker: Tracker, *, best, sweep_run_id: str, metric: str, mode: str
         result = scorer.score(with_adapter=True)
         log_test_scores(tracker, best.info.run_id, result)
         version = register(tracker, best, checkpoint.load(scorer.folder), model_name, result.scores,
-                           result.fingerprint, sweep_run_id)
+                           result.fingerprint, sweep_run_id, scorer.placement)
     try:  # the registered model exists (just registered): its aliases say whether there is a champion
         aliases = client.get_registered_model(model_name).aliases
         champion = client.get_model_version(model_name, aliases[ALIAS]) if ALIAS in aliases else None
@@ -143,7 +143,7 @@ def log_test_scores(tracker: Tracker, run_id: str, result) -> None:
 
 
 def register(tracker: Tracker, run, saved: checkpoint.Checkpoint, model_name: str, scores: dict[str, float],
-             test_fingerprint: str, sweep_run_id: str):
+             test_fingerprint: str, sweep_run_id: str, test_placement: str):
     """Log the checkpoint as a pyfunc model in the trial's run and register a version of it."""
     import mlflow
     from mlflow.models import Model
@@ -166,6 +166,7 @@ def register(tracker: Tracker, run, saved: checkpoint.Checkpoint, model_name: st
             "base_model": trial.model, "base_model_revision": str(trial.model_revision), "precision": trial.precision,
             "code_version": code_version(), "trial_params": json.dumps(run.data.params, sort_keys=True),
             "train_fingerprint": saved.data["train_fingerprint"], "test_fingerprint": test_fingerprint,
+            "test_placement": test_placement,  # where it was scored: on a cluster, a GPU worker
             **{f"test_{k}": str(v) for k, v in scores.items()},
         }
         version = mlflow.register_model(info.model_uri, model_name, tags=tags)

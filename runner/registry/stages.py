@@ -18,6 +18,7 @@ from runner.eval.held_out import TestScorer
 from runner.tracking.client import (
     KIND_TAG,
     PARENT_TAG,
+    PLACEMENT_TAG,
     STAGE_TAG,
     TRIAL_RUN_TAG,
     Tracker,
@@ -43,7 +44,8 @@ def compare_stages(tracker: Tracker, *, sweep_run_id: str, trial_run_id: str, sc
         result = scorer.score(with_adapter=False, one_shot=one_shot)
         run_id = client.create_run(tracker.experiment_id, run_name=f"stage-{stage}", tags={
             "mlflow.parentRunId": sweep_run_id, PARENT_TAG: sweep_run_id, KIND_TAG: "stage", STAGE_TAG: stage,
-            TRIAL_RUN_TAG: trial_run_id, "test_fingerprint": result.fingerprint, **source_tags()}).info.run_id
+            TRIAL_RUN_TAG: trial_run_id, "test_fingerprint": result.fingerprint, PLACEMENT_TAG: scorer.placement,
+            **source_tags()}).info.run_id
         client.log_param(run_id, "stage", stage)
         client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(v), 0, 0) for k, v in result.scores.items()])
         with tempfile.TemporaryDirectory() as scratch:

@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import train, tune
 
 from runner.config import TrialConfig, build
@@ -100,6 +99,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
 
     from runner import exiting
     from runner.errors import UserError
+    from runner.placement import placement as where
     from runner.sweep.storage import is_disk_full, wait_for_stop
     from runner.train import checkpoint
     from runner.train.loop import TrialDiverged, TrialOutOfMemory, train_trial
@@ -108,7 +108,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     exiting.stop_loops_at_exit()  # Ray runs this in a daemon thread: a stopped trial must not abort at exit
     config = TrialConfig(**loop_config["trial"])
     latest = train.get_checkpoint()
-    placement = worker_placement()
+    placement = where()
 
     def report(metrics: dict[str, float], checkpoint_dir: Path) -> None:
         try:
@@ -139,12 +139,3 @@ def report_fatal(output: Path, reason: str) -> None:
     marker.mkdir()
     (marker / FATAL_FILE).write_text(reason)
     train.report({FATAL_KEY: reason}, checkpoint=train.Checkpoint.from_directory(str(marker)))
-
-
-def worker_placement() -> str:
-    """Host, Ray node and GPU ids of this Train worker: which node ran which trial, on a cluster."""
-    import socket
-
-    node = ray.get_runtime_context().get_node_id()
-    gpus = ",".join(str(gpu) for gpu in ray.get_gpu_ids()) or "none"
-    return f"{socket.gethostname()} node {node[:12]} GPU {gpus}"
