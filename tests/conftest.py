@@ -1,7 +1,8 @@
 """Shared fixtures. The expensive things run once per pytest run and several tests read their outcome:
 `store` (the quick-start sweep, then a weak Optuna sweep killed and resumed, one MLflow store) and `faults`
 (one sweep into which a worker kill, a diverging loss and a driver kill are put, then a promotion killed while
-it scores and two promotions at once). They run in two pytest-xdist workers (`pytest_collection_modifyitems`).
+it scores and two promotions at once). They run in two pytest-xdist workers, each with a heavy share of its own
+(`pytest_collection_modifyitems`).
 
 Real over mock: the tests run the real CLI, Ray, MLflow and PEFT. What cannot exist here is mocked in the
 test that needs it and says so (the hub, a GPU). `-m "not slow"` runs only what needs no Ray cluster, no
@@ -41,27 +42,42 @@ WEAK = ["search=optuna", "num_samples=2", "trial.epochs=2", "trial.max_eval_exam
         "lora_targets: {choice: ['q,v', 'q,v,query,value']}}"]
 
 
-# The suite runs in two pytest-xdist workers (pyproject.toml: `-n 2 --dist loadgroup`): the tests that read one
-# session fixture share a worker (so it runs once), and the longest work is handed out first, in this order,
-# so that the two workers end close together. Each worker has its own feature cache and so its own local
-# cluster lock (`private_cache`); two sweeps at once on this machine is what LOCAL_CLUSTER_ENV allows for.
-SHARED_FIXTURES = ("store", "faults")
-LONGEST_FIRST = ("store", "faults", "test_multinode.py", "test_node_loss.py",
-                 "test_tiny.py::test_a_shortened_recipe", "test_train.py::test_a_process_that_exits")
+# The suite runs in two pytest-xdist workers (pyproject.toml: `-n 2 --dist loadgroup`). Each worker's heavy share is
+# one xdist group (a group runs in one worker, so its session fixture runs once): a shared sweep and a cluster test,
+# paired so that the two shares take about as long (2026-12-06, this 2-core machine: store 303 s + node loss 125 s;
+# faults 329 s + two-node cluster 133 s). Left to xdist, one worker took both cluster tests and the recipe test
+# (it hands a unit to whichever worker has at most two tests pending). The rest is handed out as the workers free
+# up, longest first. Tests sharing a module-scoped fixture share a worker too, or the second worker builds it again.
+# Each worker has its own feature cache and so its own local cluster lock (`private_cache`); two sweeps at once on
+# this machine is what LOCAL_CLUSTER_ENV allows for.
+HEAVY_SHARES = {"store": "store", "test_node_loss.py": "store", "faults": "faults", "test_multinode.py": "faults"}
+LONGEST_FIRST = ("store", "faults", "test_tiny.py::test_a_shortened_recipe", "test_train.py")
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    """The group `item` runs in: its heavy share, else its module's if it uses a module-scoped fixture."""
+    for key, group in HEAVY_SHARES.items():
+        if key in getattr(item, "fixturenames", ()) or item.nodeid.startswith(f"tests/{key}"):
+            return group
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures and any(defs[-1].scope == "module" for defs in fixtures.name2fixturedefs.values()):
+        return item.nodeid.split("::")[0]
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    groups = {item.nodeid: xdist_group(item) for item in items}
+
     def rank(item: pytest.Item) -> int:
         for position, key in enumerate(LONGEST_FIRST):
-            if key in getattr(item, "fixturenames", ()) or item.nodeid.startswith(f"tests/{key}"):
+            if groups[item.nodeid] == key or item.nodeid.startswith(f"tests/{key}"):
                 return position
         return len(LONGEST_FIRST)
 
     for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in getattr(item, "fixturenames", ())]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        if groups[item.nodeid]:
+            item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
     items.sort(key=rank)  # stable: the rest keep their file order
 
 
@@ -89,6 +105,19 @@ def private_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker() -> None:
+    """Two xdist workers on two cores: torch in each (and in every CLI it starts) computes on one thread. With
+    torch's default of one per core, in-process training beside another worker's sweep thrashed: the tiny
+    recipe's test took 109 s instead of ~22 s (2026-12-06). A sweep's Train workers set their own (the trial's
+    CPU share)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     from runner.model.paths import resolve_model
@@ -109,10 +138,12 @@ def cli_process(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Po
                             env={**os.environ, **(env or {})})
 
 
-# The quick-start space, smaller: three trials of two epochs, fewer questions scored, one at a time so that
-# ASHA's decision is the same every run (it compares a trial with those that reached the rung before it): it
-# stops the second.
-QUICK = ["num_samples=3", "trial.epochs=2", "trial.max_eval_examples=200", "max_concurrent_trials=1"]
+# The quick-start space, smaller: two trials of two epochs (the first two the full space draws), fewer
+# questions scored, one at a time so that ASHA's decision is the same every run (it compares a trial with
+# those that reached the rung before it): it stops the second. Each trial start costs ~35 s here, its
+# training a few: a third trial would prove nothing the two do not.
+STORE_TEST_QUESTIONS = 200  # the store's sweeps score (and tests/test_sweep.py re-scores) this many test questions
+QUICK = ["num_samples=2", "trial.epochs=2", "trial.max_eval_examples=200", "max_concurrent_trials=1"]
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +157,7 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweeps")
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
     (root / "mlruns").mkdir()
-    common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}", "test_max_examples=300"]
+    common = [f"storage_path={root / 'ray'}", f"tracking_uri={uri}", f"test_max_examples={STORE_TEST_QUESTIONS}"]
     outputs, errors, timings = {}, {}, {}
     for name, extra in (("quickstart", QUICK), ("weak", WEAK)):
         started = time.time()
@@ -139,6 +170,7 @@ def store(tmp_path_factory):
         assert result.returncode == 0, (name, result.stdout[-3000:], result.stderr[-5000:])
         outputs[name] = result.stdout
         errors[name] = result.stderr
+        (root / f"{name}.out").write_text(result.stdout + result.stderr)  # to read after a run
         timings[name] = round(time.time() - started, 1)
     (root / "timings.json").write_text(json.dumps(timings, indent=2))
     return {"uri": uri, "root": root, "common": common, "client": MlflowClient(uri), "stdout": outputs,

@@ -83,7 +83,7 @@ def test_the_quick_start_prints_the_sweep_not_the_libraries(store):
     lines = text.splitlines()
     assert len(lines) <= 60, text
     rows = [line for line in lines if re.match(r"\S+_0000\d\s.*\s\d/2\s.*RUNNING$", line)]
-    assert len({row.split()[0] for row in rows}) == 3 and len(rows) >= 3, text  # every trial, each epoch
+    assert len({row.split()[0] for row in rows}) == 2 and len(rows) >= 2, text  # every trial, each epoch
     for wanted in ("promotion: champion -> v1", "stage (test, %)", "zero-shot", "fine-tuned (best trial)",
                    "trials: http://127.0.0.1:5000/#/experiments/", "held now:"):
         assert wanted in text, (wanted, text)
@@ -110,7 +110,7 @@ def test_server_rest_api_shows_the_run_tree_and_champion(server):
     parent = next(run for run, t in zip(runs, tags) if t.get("runner.sweep") == "quickstart")
     children = [(run, t) for run, t in zip(runs, tags) if t.get("mlflow.parentRunId") == parent["info"]["run_id"]]
     trials = [run for run, t in children if t["runner.kind"] == "trial"]
-    assert len(trials) == 3
+    assert len(trials) == 2
     for run in trials:
         assert {p["key"] for p in run["data"]["params"]} >= {"lora_rank", "learning_rate", "n_samples"}
         assert "val_exact_match" in {m["key"] for m in run["data"]["metrics"]}

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import main
-from tests.conftest import MODEL, REPO, SPACE
+from tests.conftest import MODEL, REPO, SPACE, STORE_TEST_QUESTIONS
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_every_trial_is_a_child_run_with_its_reported_metrics(store):
     parent, children = sweep_runs(store, "quickstart")
     assert parent.info.status == "FINISHED"
     assert parent.data.params["space.lora_rank.choice"] == "[4, 8, 16]"
-    assert len(children) == 3
+    assert len(children) == 2
     for run in children:
         assert {"lora_rank", "learning_rate", "n_samples"} <= run.data.params.keys()
         assert run.info.status == "FINISHED"
@@ -130,7 +130,7 @@ print(json.dumps(metrics.score(answers, [task.normalize_answer(e.answer) for e i
 
 def test_champion_loads_in_a_fresh_process_and_reproduces_its_test_metric(store):
     champion = store["client"].get_model_version_by_alias(MODEL, "champion")
-    result = subprocess.run([sys.executable, "-c", LOAD_AND_SCORE, store["uri"], MODEL, "300"],
+    result = subprocess.run([sys.executable, "-c", LOAD_AND_SCORE, store["uri"], MODEL, str(STORE_TEST_QUESTIONS)],
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])
@@ -145,9 +145,9 @@ def test_eval_scores_the_champion_from_the_registry_or_its_run(store, source, tm
     adapter = source.format(model=MODEL, trial_run_id=champion.tags["trial_run_id"])
     predictions = tmp_path / "predictions.csv"
     result = invoke("eval", "--adapter", adapter, "--tracking-uri", store["uri"], "--split", "test",
-                    "--max-eval-examples", "300", "--predictions", str(predictions))
+                    "--max-eval-examples", str(STORE_TEST_QUESTIONS), "--predictions", str(predictions))
     assert result.exit_code == 0, (result.output[-3000:], result.exception)
     scores = json.loads(result.stdout[result.stdout.index("{"):])
     assert scores["exact_match"] == pytest.approx(float(champion.tags["test_exact_match"]), abs=1e-9)
-    assert len(predictions.read_text().splitlines()) == 301  # header + one row per question
+    assert len(predictions.read_text().splitlines()) == STORE_TEST_QUESTIONS + 1  # header + one row per question
     assert list(tmp_path.iterdir()) == [predictions]  # nothing else in the user's folder (MLflow's default store)
