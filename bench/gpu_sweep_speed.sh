@@ -24,7 +24,11 @@ sweep() {  # $1: code tree, $2: name
     tracking_uri=sqlite:////tmp/mlruns-$2/mlflow.db ${SWEEP_ARGS:-} 2>&1) | stamp > "$OUT/sweep_$2.log"
   echo "sweep $2: rc ${PIPESTATUS[0]}, wall $(( $(date +%s) - began )) s" | tee -a "$OUT/summary.txt"
   kill $smi
-  grep -E "image features:|quantised weights|promotion:|report:|stage|sweep .*: up to|TERMINATED|ERROR|Error|cast notices" \
+  cp /tmp/ray-$2/$2/runner.log "$OUT/runner_$2.log" 2>/dev/null
+  # Where each trial's start went (the workers log to Ray's files only): "first step N s after the trial started".
+  grep -h "first step\|image features:\|quantised\|test scor" /tmp/ray/session_latest/logs/worker-*.err \
+    2>/dev/null | cut -c1-300 > "$OUT/worker_phases_$2.txt"; cat "$OUT/worker_phases_$2.txt"
+  grep -E "image features:|quantised weights|promotion:|report:|stage|test scor|sweep .*: up to|TERMINATED|ERROR|Error|cast notices" \
     "$OUT/sweep_$2.log" | cut -c1-200 | tail -30
   PYTHONPATH=/tmp/site:$1 python3 bench/sweep_summary.py sqlite:////tmp/mlruns-$2/mlflow.db $2 2>/dev/null \
     > "$OUT/trials_$2.jsonl"; cat "$OUT/trials_$2.jsonl" | cut -c1-260

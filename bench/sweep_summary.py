@@ -1,5 +1,5 @@
 """One line of JSON per trial of a sweep, from its MLflow runs: where it ran (runner.placement), training
-samples/s, peak GPU memory, best validation metric, run start/end. For bench/gpu_scaling.sh.
+samples/s, peak GPU memory, seconds from its start to its first step, best validation metric, run start/end. For bench/gpu_scaling.sh.
 
     python bench/sweep_summary.py TRACKING_URI SWEEP_NAME
 """
@@ -22,6 +22,7 @@ def main(uri: str, sweep: str) -> None:
             "learning_rate": run.data.params.get("learning_rate"),
             "train_samples_per_second": metrics.get("train_samples_per_second"),
             "gpu_peak_gib_train": metrics.get("gpu_peak_gib_train"),
+            "start_seconds": metrics.get("start_seconds"),  # trial start -> first step (its last run)
             "val_exact_match": metrics.get("val_exact_match"),
             "start_s": run.info.start_time / 1000, "end_s": (run.info.end_time or 0) / 1000}))
 

@@ -22,19 +22,20 @@ def tune(config: SweepConfig, *, address: str | None, resume: bool, command: str
     from runner.report import trials_table
     from runner.sweep.tuner import run_sweep
 
-    outcome = run_sweep(config, address=address, resume=resume, command=command, say=say)
+    outcome = run_sweep(config, address=address, resume=resume, command=command, say=say, score_in_tail=promote)
     say(trials_table(outcome.results, config))
     if promote:
-        after_sweep(config, address=address, say=say)
+        after_sweep(config, address=address, say=say, warm=outcome.scorer)
     # The same space and overrides find the same store and sweep.
     say_links(state.read(config), config.metric,
               command.replace("runner tune", "runner ui", 1).removesuffix(" --resume"), say)
 
 
-def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
+def after_sweep(config: SweepConfig, *, address: str | None, say: Say, warm=None) -> None:
     """Promotion, the stage runs and the report, holding the model's lock (concurrent calls run one after
     the other). Test scoring asks Ray for the trials' own resources, so on a cluster it runs on a GPU
-    worker; on CPU it runs in this process (no Ray needed)."""
+    worker — `warm`'s, loaded during the sweep, when it scores like the champion; on CPU it runs in this
+    process (no Ray needed)."""
     from runner import console
     from runner.eval.held_out import TestScorer
     from runner.registry.promote import best_trial_run, promote, promotion_lock
@@ -59,7 +60,7 @@ def after_sweep(config: SweepConfig, *, address: str | None, say: Say) -> None:
     best = best_trial_run(tracker, saved["sweep_run_id"], config.metric, config.mode)
     fetch = lambda: download_checkpoint(tracker.tracking_uri, best.info.run_id)  # noqa: E731
     with promotion_lock(config.state_dir.parent / f"promote-{config.registered_model}.lock"), \
-            TestScorer(fetch, config.test_max_examples, resources) as scorer:
+            TestScorer(fetch, config.test_max_examples, resources, warm) as scorer:
         outcome = promote(tracker, best=best, sweep_run_id=saved["sweep_run_id"], mode=config.mode,
                           model_name=config.registered_model, metric=config.metric, scorer=scorer)
         say(f"promotion: {outcome.message}")

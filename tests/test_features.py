@@ -137,14 +137,16 @@ def test_trials_starting_together_compute_each_image_once(tiny_model, tmp_path):
 def test_one_scorer_loads_the_model_once_and_scores_the_bare_model_exactly(tiny_model, tmp_path, monkeypatch):
     """Promotion (adapter) and the zero/one-shot stages (bare model) share one loaded base model: the bare
     scores through PEFT's `disable_adapter` equal a freshly loaded bare model's."""
-    from peft import LoraConfig, get_peft_model
-
     import runner.eval.evaluate as evaluate
     from runner.config import TrialConfig
+    from runner.model.blip2 import add_lora
 
     model, _ = load_blip2(str(tiny_model), "fp32", CPU)
-    lora = get_peft_model(model.language_model, LoraConfig(r=4, target_modules=["q", "v"],
-                                                            init_lora_weights=False))  # random B: a real change
+    lora = add_lora(model, rank=4, alpha=8.0, dropout=0.0, gradient_checkpointing=False, targets=("q", "v"))
+    torch.manual_seed(0)
+    for name, weight in lora.named_parameters():
+        if "lora_B" in name:  # LoRA starts as the identity (B = 0): a random B makes the adapter a real change
+            torch.nn.init.normal_(weight, std=0.5)
     lora.save_pretrained(tmp_path / "adapter")
     config = TrialConfig(task="easy_vqa", model=str(tiny_model), precision="fp32", device="cpu",
                          max_eval_examples=16, eval_batch_size=16, max_new_tokens=4)
@@ -161,6 +163,10 @@ def test_one_scorer_loads_the_model_once_and_scores_the_bare_model_exactly(tiny_
     assert one_shot.rows == fresh.score(with_adapter=False, one_shot=True).rows
     assert [row["prediction"] for row in tuned.rows] != [row["prediction"] for row in zero_shot.rows]
     assert tuned.fingerprint == zero_shot.fingerprint  # the same test questions
+    # The sweep's tail loads the scorer before the champion is known; its adapter comes after the bare scores.
+    fresh.add_adapter(tmp_path / "adapter")
+    assert fresh.score(with_adapter=True).rows == tuned.rows
+    assert fresh.score(with_adapter=False).rows == zero_shot.rows
 
 
 @pytest.fixture(scope="module")

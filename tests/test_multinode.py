@@ -129,9 +129,13 @@ def test_sweep_spreads_over_nodes_survives_a_tracking_outage_and_promotes(two_no
         adapter = Path(client.download_artifacts(champion.run_id, "checkpoint/adapter"))
         assert (adapter / "adapter_config.json").exists()
         assert client.get_run(champion.run_id).data.metrics["test_n"] == 6  # test.csv's six questions
-        # Scored by a Ray actor holding one of the nodes' GPUs (the driver holds none).
+        # Scored by a Ray actor holding one of the nodes' GPUs (the driver holds none), loaded while the second
+        # trial still trained, in the GPU the first one freed; the stages scored there too (runner/sweep/tail.py).
         scored_on = champion.tags["test_placement"]
         assert scored_on.endswith("GPU 0") and scored_on.split(" node ")[1].split()[0] in nodes, scored_on
+        assert f"test scoring on {scored_on} (loaded during the sweep)" in text
+        stages = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'stage'")
+        assert len(stages) == 2 and {run.data.tags["runner.placement"] for run in stages} == {scored_on}
     finally:
         (tmp_path / "driver.log").write_text(log.text())  # for a failed run
         if driver.poll() is None:

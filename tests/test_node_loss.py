@@ -4,10 +4,12 @@ Three hosts, each its own network namespace (`ip netns`) with its own IP and Ray
 pairs on a bridge inside the head's namespace (no route out of them: their traffic stays among them): the Ray
 head with the sweep driver and a real `mlflow server`, and two GPU workers. The driver joins the cluster by
 the head's address over that network and tracks to the server there (the test reads the server's own
-SQLite store, since nothing outside the namespaces reaches it). Once the trial has logged its first epoch, every process in the namespace of the node that trains it
-is SIGKILLed (its raylet, its workers): Ray Train restarts the trial's worker on the other node from the last
-checkpoint (shared storage: this machine's disk), the sweep finishes, the trial's MLflow run has each epoch
-once, and the champion is registered once.
+SQLite store, since nothing outside the namespaces reaches it). Two trials, one on each GPU node: a short one
+ends first, and the sweep's test scorer loads in the GPU it freed (runner/sweep/tail.py). Once the long trial
+has logged its first epoch, every process in the namespace of the node that trains it is SIGKILLed (its
+raylet, its workers): the scorer gives its GPU back, Ray Train restarts the trial's worker on the other node
+from the last checkpoint (shared storage: this machine's disk), the sweep finishes, the trial's MLflow run has
+each epoch once, and the champion is registered once.
 
 What cannot exist here: GPUs. The workers declare one logical GPU each; the tiny model trains on CPU in fp32.
 """
@@ -28,11 +30,12 @@ import pytest
 from mlflow import MlflowClient
 
 from runner.pipeline import MLFLOW_SERVER_ENV
-from tests.conftest import MODEL, SPACE, Collected, epochs_logged, mlflow_server_command
+from tests.conftest import MODEL, SPACE, Collected, count, mlflow_server_command
 
 pytestmark = pytest.mark.slow
 
 SUBNET = "10.213.7"
+SHORT, LONG = 60, 1000  # the two trials' training questions per epoch
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -140,17 +143,19 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
         driver = subprocess.Popen(
             in_namespace(head, sys.executable, "-m", "runner.cli", "-v", "tune", SPACE, "name=node-loss",
                          f"storage_path={tmp_path / 'shared'}", f"tracking_uri={uri}", "resources.gpu=1",
-                         "resources.cpu=1", "num_samples=1", "trial.epochs=2", "scheduler.type=none",
-                         "space={learning_rate: {grid: [0.004]}, n_samples: {choice: [1000]}}",
+                         "resources.cpu=1", "num_samples=1", "trial.epochs=3", "scheduler.type=none",
+                         f"space={{learning_rate: {{grid: [0.004]}}, n_samples: {{grid: [{SHORT}, {LONG}]}}}}",
                          "test_max_examples=60", "trial.max_eval_examples=60", "--address", f"{head_ip}:{port}"),
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = Collected(driver.stdout)
         try:
             deadline = time.time() + 600
-            while not epochs_logged(backend) and time.time() < deadline and driver.poll() is None:
-                time.sleep(0.5)
-            assert epochs_logged(backend) == 1, log.text()[-3000:]
-            first = re.findall(rf"RayTrainWorker pid=\d+, ip=({re.escape(SUBNET)}\.\d+)\)", log.text())
+            while not (epochs_logged(backend, LONG) and "test scorer: loading" in log.text()) \
+                    and time.time() < deadline and driver.poll() is None:
+                time.sleep(0.5)  # the short trial has ended (the scorer holds its GPU), the long one trains
+            assert epochs_logged(backend, LONG) in (1, 2) and "test scorer: loading" in log.text(), log.text()[-3000:]
+            first = re.findall(rf"RayTrainWorker pid=\d+, ip=({re.escape(SUBNET)}\.\d+)\).* {LONG} training / ",
+                               log.text())
             assert first, log.text()[-3000:]
             lost = next(name for name in ("gpu1", "gpu2") if net[name][1] == first[-1])
             survivor = next(name for name in ("gpu1", "gpu2") if name != lost)
@@ -163,22 +168,33 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
             # (Not `ray stop`: it stops every Ray on the machine. Leaving `hosts` kills all in each namespace.)
 
     text = log.text()
-    # The worker that restarted it ran on the other node, from the checkpoint of epoch 1.
+    # The scorer gave the short trial's GPU back to the long one, whose worker restarted on that (the other)
+    # node from the checkpoint of its last epoch.
+    assert "test scorer: freed its GPU share (a trial waits for resources" in text, text[-3000:]
     resumed = re.findall(rf"RayTrainWorker pid=\d+, ip={re.escape(net[survivor][1])}\).*resumed from \S+ after "
-                         r"epoch 1", text)
+                         r"epoch [12]", text)
     assert resumed, text[-3000:]
     client = MlflowClient(backend)  # the server's own store (the server itself is gone with the namespaces)
     experiment = client.get_experiment_by_name("quickstart")
-    (trial,) = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
-    assert trial.info.status == "FINISHED"
-    for key in ("train_loss", "val_exact_match"):  # nothing lost or doubled by the node's loss
-        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, key)) == [1, 2]
+    trials = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")
+    assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
+    for run in trials:  # nothing lost or doubled by the node's loss
+        for key in ("train_loss", "val_exact_match"):
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [1, 2, 3]
     versions = client.search_model_versions(f"name = '{MODEL}'")
-    assert len(versions) == 1 and versions[0].run_id == trial.info.run_id
+    assert len(versions) == 1 and versions[0].run_id in {run.info.run_id for run in trials}
     assert client.get_model_version_by_alias(MODEL, "champion").version == versions[0].version
-    # Promotion and the stages scored on a GPU worker — the survivor, where the trial ended — not on the head.
-    survivor_placement = trial.data.tags["runner.placement"]
+    # Promotion and the stages scored on a GPU worker — the survivor, where the long trial ended — not on the head.
+    long = next(run for run in trials if run.data.params["n_samples"] == str(LONG))
+    survivor_placement = long.data.tags["runner.placement"]
     assert survivor_placement.endswith("GPU 0") and versions[0].tags["test_placement"] == survivor_placement
     stages = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'stage'")
     assert len(stages) == 2 and {run.data.tags["runner.placement"] for run in stages} == {survivor_placement}
     assert any((tmp_path / "artifacts").rglob("adapter_model.safetensors"))  # sent to the server over the veths
+
+
+def epochs_logged(uri: str, n_samples: int) -> int:
+    """Epochs in MLflow of the trial training `n_samples` questions."""
+    rows = count(uri, "select count(*) from metrics where key = 'train_loss' and run_uuid in (select run_uuid from "
+                      f"params where key = 'n_samples' and value = '{n_samples}')")
+    return rows[0][0] if rows else 0

@@ -188,6 +188,31 @@ def test_the_same_space_and_seed_draw_the_same_trials():
     assert drawn(load_sweep(space, ["trial.seed=1"])) != first  # the seed is what fixes them
 
 
+# --- the test scorer of a sweep's tail (runner/sweep/tail.py) -------------------------------------------
+
+@pytest.mark.parametrize("overrides, warm", [
+    (["resources.gpu=0.25"], True),  # the space varies rank and learning rate: the base model scores alike
+    ([], False),  # trials on CPU: the scorer runs in the driver after the sweep (no torch there meanwhile)
+    (["resources.gpu=0.25", "space={precision: {choice: [int8, nf4]}}"], False),  # another base model each
+    (["resources.gpu=0.25", "space={lora_targets: {choice: ['q,v', 'q,v,query,value']}}"], False),  # features
+])
+def test_the_scorer_loads_in_the_tail_only_where_every_trial_scores_the_base_model_alike(overrides, warm):
+    from runner.config import load_sweep
+    from runner.sweep.tail import warm_scorer
+
+    config = load_sweep(REPO / "search_spaces" / "quickstart.yaml", overrides)
+    assert (warm_scorer(config) is not None) == warm
+
+
+def test_a_champion_uses_the_tails_scorer_only_if_it_scores_like_it():
+    from runner.eval.held_out import same_scores
+
+    base = TrialConfig(lora_rank=8, n_samples=100)
+    assert same_scores(TrialConfig(lora_rank=32, n_samples=800, learning_rate=3e-3), base)
+    assert not same_scores(TrialConfig(lora_rank=8, n_samples=100, eval_batch_size=64), base)  # batches pad alike
+    assert not same_scores(TrialConfig(lora_rank=8, n_samples=100, lora_targets="q,v,query"), base)  # its features
+
+
 # --- promotion rules -----------------------------------------------------------------------------------
 
 OURS = {"test_exact_match": "0.80", "test_fingerprint": "abc", "task": "easy_vqa"}

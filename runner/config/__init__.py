@@ -3,6 +3,7 @@
 from runner.config.load import build, field_docs, load_sweep, sweep_from_dict
 from runner.config.schema import (
     PRECISIONS,
+    SCORING_FIELDS,
     TRAINING_FIELDS,
     Domain,
     Precision,
@@ -13,6 +14,6 @@ from runner.config.schema import (
     check_tracking_uri,
 )
 
-__all__ = ["PRECISIONS", "TRAINING_FIELDS", "Domain", "Precision", "ResourcesConfig", "SchedulerConfig",
+__all__ = ["PRECISIONS", "SCORING_FIELDS", "TRAINING_FIELDS", "Domain", "Precision", "ResourcesConfig", "SchedulerConfig",
            "SweepConfig", "TrialConfig", "build", "check_tracking_uri", "field_docs", "load_sweep",
            "sweep_from_dict"]

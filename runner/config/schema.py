@@ -175,6 +175,10 @@ def bad_targets(targets: str) -> str:
 TRAINING_FIELDS = ("task", "data", "n_samples", "val_fraction", "skip_bad_images", "seed", "model",
                    "model_revision", "precision", "lora_rank", "lora_targets", "lora_alpha", "lora_dropout",
                    "learning_rate", "weight_decay", "warmup_ratio", "epochs", "batch_size", "grad_accum", "max_grad_norm")
+# What changes a bare model's test scores (with `trains_qformer`: which image features an adapter needs): a
+# scorer loaded for one trial config serves another only under the same values of these.
+SCORING_FIELDS = ("task", "data", "val_fraction", "skip_bad_images", "seed", "model", "model_revision", "precision",
+                  "device", "eval_batch_size", "max_eval_examples", "max_new_tokens")
 
 
 @dataclass(frozen=True)

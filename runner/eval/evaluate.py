@@ -130,12 +130,12 @@ def one_shot_exemplar(task: Task, seed: int) -> Example:
 class SplitScorer:
     """A split's questions, the base model (+ an adapter) and their image features, loaded once and scored
     as often as asked: with the adapter, or the bare base model (zero- or one-shot). Promotion and the
-    stage comparison share one, so the post-sweep phase loads the model once, not once per score."""
+    stage comparison share one, so the post-sweep phase loads the model once, not once per score; a sweep
+    loads it before its last trials end and adds the champion's adapter after (runner/eval/held_out.py)."""
 
     def __init__(self, config: TrialConfig, split: str, adapter: Path | None = None):
-        """`adapter`: an epoch checkpoint or PEFT adapter directory (None: the bare model only)."""
-        from peft import PeftModel
-
+        """`adapter`: an epoch checkpoint or PEFT adapter directory (None: the bare model, until
+        `add_adapter`; its features are then the ones an adapter of `config.lora_targets` needs)."""
         from runner.train.checkpoint import adapter_dir, adapter_weights
 
         if adapter is not None:
@@ -150,14 +150,30 @@ class SplitScorer:
         self.model, self.processor = load_blip2(config.model, config.precision, self.device, config.model_revision)
         needed = {ex.image_key for ex in self.examples}
         dtype = compute_dtype(config.precision, self.device)
-        vision_only = adapter is not None and adapter_trains_qformer(adapter_dir(adapter))
+        vision_only = adapter_trains_qformer(adapter_dir(adapter)) if adapter is not None else config.trains_qformer
         self.features = compute_image_features(
             self.model, self.processor, data.images.select(needed), self.device, dtype,
             config.eval_batch_size, trial_feature_cache(config, dtype, self.model, self.processor, vision_only),
             vision_only=vision_only)
-        # After the features: a Q-Former adapter then applies in `language_inputs`. PEFT injects LoRA into
-        # the model in place; `disable_adapter` turns it off again for the bare-model scores.
-        self.lora_model = PeftModel.from_pretrained(self.model, adapter_dir(adapter)) if adapter is not None else None
+        self.lora_model = None
+        if adapter is not None:
+            self.add_adapter(adapter)
+
+    def add_adapter(self, adapter: Path) -> None:
+        """Put an adapter on the loaded model. After the features: a Q-Former adapter then applies in
+        `language_inputs`. PEFT injects LoRA into the model in place; `disable_adapter` turns it off again
+        for the bare-model scores."""
+        from peft import PeftModel
+
+        from runner.train.checkpoint import adapter_dir, adapter_weights
+
+        if self.lora_model is not None:
+            raise ValueError("this scorer holds an adapter already")
+        folder = adapter_dir(adapter)
+        adapter_weights(folder)
+        if adapter_trains_qformer(folder) != self.features.vision_only:
+            raise ValueError(f"{adapter}: its Q-Former adaptation needs other image features than this scorer's")
+        self.lora_model = PeftModel.from_pretrained(self.model, folder)
 
     @functools.cached_property
     def exemplar(self) -> Example:

@@ -14,6 +14,7 @@ raising and the trial function fails the trial at once, without a retry.
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
 
     from runner import console
 
+    started_at = time.time()
     config = build(TrialConfig, {**base, **sampled}, "trial")
     if ended_before(tune.get_checkpoint(), config.epochs):
         return
@@ -52,7 +54,7 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], gpu: float, cpu:
     trainer = TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config={"trial": config.to_dict(), "threads": max(1, round(cpu)), "gpu_share": gpu or 1.0,
-                           "storage_path": storage_path},
+                           "storage_path": storage_path, "started_at": started_at},
         # One worker never communicates: gloo sets up without a CUDA device (the logical GPUs of a
         # simulated cluster) and leaves a shared card free of NCCL's communicator.
         torch_config=TorchConfig(backend="gloo"),
@@ -129,7 +131,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 # full disk, a killed driver; cf. `ended_before`): report it once more.
                 return report(saved.history[-1], resume)
             train_trial(config, Path(output), report=report, resume_from=resume,
-                        gpu_share=min(1.0, loop_config["gpu_share"]))
+                        gpu_share=min(1.0, loop_config["gpu_share"]), started_at=loop_config.get("started_at"))
         except (TrialDiverged, TrialOutOfMemory, UserError) as error:
             report_fatal(Path(output), f"{type(error).__name__}: {error}")
 

@@ -24,6 +24,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from runner.config import SweepConfig
 from runner.errors import UserError
+from runner.eval.held_out import WarmScorer
 from runner.sweep import state, storage
 from runner.sweep.trial import (
     DRIVER_CPU,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 class SweepOutcome:
     sweep_run_id: str
     results: Any  # ray.tune.ResultGrid
+    scorer: WarmScorer | None = None  # the test scorer loaded in the sweep's tail (runner/sweep/tail.py)
 
 
 # Ray's settings for every sweep, set before Ray starts (a user's own setting wins): Train V2; and a trial
@@ -343,8 +345,9 @@ def check_inputs(config: SweepConfig):
 
 
 def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command: str,
-              say: Callable[[str], None] = print) -> SweepOutcome:
-    """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end."""
+              say: Callable[[str], None] = print, score_in_tail: bool = False) -> SweepOutcome:
+    """Connect, open (or reopen) the sweep's MLflow parent run, run Tune to the end. `score_in_tail`: load the
+    test scorer in the first GPU share the last trials free (promotion follows)."""
     if resume and not state.exists(config):
         raise UserError(f"--resume: no sweep named {config.name!r} in {config.storage}")
     if not resume and state.exists(config):
@@ -352,13 +355,15 @@ def run_sweep(config: SweepConfig, *, address: str | None, resume: bool, command
                         f"pass --resume to continue it or choose another name (name=...)")
     check_cluster(config, address)
     with LocalClusterHold(config.name) if address is None else contextlib.nullcontext() as hold:
-        return run_tuner(config, address=address, resume=resume, command=command, say=say, hold=hold)
+        return run_tuner(config, address=address, resume=resume, command=command, say=say, hold=hold,
+                         score_in_tail=score_in_tail)
 
 
 def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command: str, say: Callable[[str], None],
-          hold: LocalClusterHold | None) -> SweepOutcome:
+              hold: LocalClusterHold | None, score_in_tail: bool) -> SweepOutcome:
     from runner import console
     from runner.sweep.progress import SweepProgress
+    from runner.sweep.tail import ScorerInTail, warm_scorer
     from runner.tracking.callback import TrialRuns
     from runner.tracking.client import Tracker, default_tracking_uri
     from runner.tracking.datasets import describe as describe_data
@@ -395,12 +400,14 @@ def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command
                          datasets)
     progress = SweepProgress(list(config.space), config.metric, config.trial.epochs, say)
     guard = [storage.StorageGuard(reserved)] if reserved else []
-    results = build_tuner(config, [callback, progress, *guard], max_concurrent, restore=resume).fit()
+    scorer = warm_scorer(config) if score_in_tail else None
+    tail = [ScorerInTail(scorer, trial_count(config))] if scorer else []
+    results = build_tuner(config, [callback, progress, *guard, *tail], max_concurrent, restore=resume).fit()
     storage.check_not_stopped(config, reserved, command)  # a full disk stopped it: resumable, not ended
     if reserved is not None:
         reserved.unlink()  # the sweep has ended: its reserve is only for its own state while it runs
     callback.end_sweep(failed_trials=sum(result.error is not None for result in results))
-    return SweepOutcome(sweep_run_id=sweep_run_id, results=results)
+    return SweepOutcome(sweep_run_id=sweep_run_id, results=results, scorer=scorer)
 
 
 def mps_running() -> bool:

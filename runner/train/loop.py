@@ -82,11 +82,13 @@ class TrainState:
 
 
 def train_trial(config: TrialConfig, output_dir: Path, *, report: Report | None = None,
-                resume_from: Path | None = None, gpu_share: float = 1.0) -> list[dict[str, float]]:
+                resume_from: Path | None = None, gpu_share: float = 1.0,
+                started_at: float | None = None) -> list[dict[str, float]]:
     """Train one trial; report (metrics, checkpoint) after every epoch; return every epoch's metrics.
-    `gpu_share`: the fraction of the GPU this trial was given (its memory plan counts only that)."""
+    `gpu_share`: the fraction of the GPU this trial was given (its memory plan counts only that);
+    `started_at`: when the trial started (time.time(); default now), for its `start_seconds`."""
     try:
-        return run(config, output_dir, report, resume_from, gpu_share)
+        return run(config, output_dir, report, resume_from, gpu_share, Phases(started_at))
     except torch.OutOfMemoryError as error:
         raise TrialOutOfMemory(
             f"out of GPU memory (batch_size={config.batch_size}, precision={config.precision}, "
@@ -95,7 +97,7 @@ def train_trial(config: TrialConfig, output_dir: Path, *, report: Report | None 
 
 
 def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_from: Path | None,
-        gpu_share: float) -> list[dict]:
+        gpu_share: float, phases: Phases) -> list[dict]:
     # 1. Seed, device and precision: refuse what cannot work before reading data or taking memory.
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
@@ -103,6 +105,7 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
     dtype = compute_dtype(config.precision, device)
     limit_gpu_memory(config, device)
     preflight(config, resolve_model(config.model), dtype, device, gpu_share)
+    phases.mark("start")
 
     # 2. Data: the seeded training draw, the fixed validation subset, the majority-answer floor.
     task = get_task(config.task, data=config.data, skip_bad_images=config.skip_bad_images,
@@ -119,8 +122,11 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
              "learning rate %g", task.name, len(train_examples), len(val_examples), len(train_split.examples),
              train_split.fingerprint[:12], config.lora_rank, config.learning_rate)
 
+    phases.mark("data")
+
     # 3. Model, then 4. the frozen image path's features (once per image, from the node's cache if there).
     base, processor = load_blip2(config.model, config.precision, device, config.model_revision)
+    phases.mark("model")
     needed = {ex.image_key for ex in train_examples + val_examples}
     images = (train_split.images | val_split.images).select(needed)  # decoded one batch at a time, if not cached
     features = compute_image_features(base, processor, images, device, dtype, batch_size=config.eval_batch_size,
@@ -128,6 +134,7 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
                                       vision_only=config.trains_qformer)
     memory = PeakMemory(device)
     memory.mark("load_and_features")
+    phases.mark("image features")
 
     # 5. LoRA, 6. optimizer and schedule (linear warmup, then linear decay to 0).
     from transformers import get_linear_schedule_with_warmup
@@ -150,6 +157,8 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
         checkpoint.restore(saved, lora_model, optimizer, scheduler)
         history = saved.history
         log.info("resumed from %s after epoch %d", resume_from, saved.epoch)
+    phases.mark("LoRA and optimizer")
+    log.info("first step %.1f s after the trial started (%s)", phases.total, phases)
 
     for epoch in range(len(history) + 1, config.epochs + 1):
         started = time.perf_counter()
@@ -162,7 +171,7 @@ def run(config: TrialConfig, output_dir: Path, report: Report | None, resume_fro
         history.append({"epoch": float(epoch), "train_loss": train_loss,
                         "train_samples_per_second": len(train_examples) / elapsed,
                         **{f"val_{name}": value for name, value in scores.items()},
-                        "val_majority_exact_match": majority, **memory.peaks})
+                        "val_majority_exact_match": majority, "start_seconds": phases.total, **memory.peaks})
         saved_to = checkpoint.save(output_dir / f"epoch-{epoch:03d}", model=lora_model, processor=processor,
                                    optimizer=optimizer, scheduler=scheduler, config=config, epoch=epoch,
                                    history=history, data=data)
@@ -224,6 +233,28 @@ def limit_gpu_memory(config: TrialConfig, device: torch.device) -> None:
     if config.gpu_memory_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, config.gpu_memory_gib * 2**30 / total), device)
+
+
+class Phases:
+    """Seconds spent in each setup phase since `started_at` (the trial's start; default now): how long a
+    trial takes to reach its first step, and where that time goes (`start`: before the loop began —
+    Ray's processes and the imports — plus the device checks)."""
+
+    def __init__(self, started_at: float | None = None):
+        self.began = time.time() if started_at is None else started_at
+        self.last = self.began
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.time()
+        self.seconds[phase], self.last = now - self.last, now
+
+    @property
+    def total(self) -> float:
+        return self.last - self.began
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items())
 
 
 class PeakMemory:
