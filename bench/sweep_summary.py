@@ -23,6 +23,7 @@ def main(uri: str, sweep: str) -> None:
             "train_samples_per_second": metrics.get("train_samples_per_second"),
             "gpu_peak_gib_train": metrics.get("gpu_peak_gib_train"),
             "start_seconds": metrics.get("start_seconds"),  # trial start -> first step (its last run)
+            "epochs": metrics.get("epoch"),
             "val_exact_match": metrics.get("val_exact_match"),
             "start_s": run.info.start_time / 1000, "end_s": (run.info.end_time or 0) / 1000}))
 
