@@ -19,7 +19,7 @@ import click
 
 from runner import console, pipeline
 from runner.config import TrialConfig, build, field_docs
-from runner.errors import ServiceError, UserError
+from runner.errors import Interrupted, ServiceError, UserError
 
 ALIASES = {"learning_rate": ["--lr"]}  # short forms people type
 
@@ -30,7 +30,7 @@ class RunnerGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (UserError, ServiceError) as error:
+        except (UserError, ServiceError, Interrupted) as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
 

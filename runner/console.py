@@ -36,6 +36,9 @@ HARMLESS_RECORDS = (
     ("ray.tune.execution.tune_controller", "Trial task failed for trial",
      "Tune's traceback of a failed trial; the console says `trial … failed: <reason> (full error: <Tune's "
      "error.txt>)` and the trial's MLflow run holds the reason (runner.error)"),
+    ("ray.tune.tune", "Experiment has been interrupted, but the most recent state was saved",
+     "Tune's resume hint names its Python API (`Tuner.restore(path=..., trainable=...)`); an interrupted sweep's "
+     "own line names the command that resumes it (`runner tune … --resume`)"),
     ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
      "Failed to send resource request",
      "a GetTimeoutError traceback at Train start-up that Ray itself calls safe to ignore when transient; "

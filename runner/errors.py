@@ -16,3 +16,10 @@ class ServiceError(Exception):
     Nothing was changed that a re-run cannot finish; the CLI prints one line and exits with code 1."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """The user stopped a sweep (Ctrl-C, SIGINT): its state is saved and `--resume` finishes it; nothing after
+    the sweep (promotion) runs. The CLI prints one line and exits with code 130, as an interrupted shell command."""
+
+    exit_code = 130

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "tiny-blip2-easy-vqa"
 SPACE = str(REPO / "search_spaces" / "quickstart.yaml")
 # The weak sweep is also the killed Optuna search: two trials, one at a time, two epochs each, learning rates
-# too small to beat the quick-start. Its driver is SIGKILLed in the first trial, so the second trial is
+# too small to beat the quick-start. Its driver is interrupted (SIGINT) in the first trial, so the second trial is
 # proposed after `--resume` by the searcher state Tune saved (tests/test_search.py checks it against an
 # uninterrupted search); the space also takes the Q-Former target and the derived alpha through a real sweep.
 WEAK = ["search=optuna", "num_samples=2", "trial.epochs=2", "trial.max_eval_examples=50",
@@ -150,8 +150,8 @@ QUICK = ["num_samples=2", "trial.epochs=2", "trial.max_eval_examples=200", "max_
 def store(tmp_path_factory):
     """The quick-start sweep (the README's main command, smaller, next to another Ray instance), then a weak
     sweep, into one MLflow store (tests/test_sweep.py, tests/test_report_ui.py, tests/test_search.py): the
-    quick-start's best trial becomes the champion; the weak one (an Optuna search whose driver is killed and
-    resumed) is registered, scored on the same test questions, and does not move the alias."""
+    quick-start's best trial becomes the champion; the weak one (an Optuna search whose driver is interrupted
+    and resumed) is registered, scored on the same test questions, and does not move the alias."""
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("sweeps")
@@ -163,7 +163,7 @@ def store(tmp_path_factory):
         started = time.time()
         args = ["tune", SPACE, f"name={name}", *common, *extra]
         if name == "weak":
-            kill_in_first_trial(args, root, uri)
+            interrupt_in_first_trial(args, root, uri)
             args.append("--resume")
         with other_ray_instance() if name == "quickstart" else nullcontext():
             result = run_cli(*args, cwd=root, timeout=1200)
@@ -194,17 +194,21 @@ def other_ray_instance():
         cluster.shutdown()
 
 
-def kill_in_first_trial(args: list[str], cwd: Path, uri: str) -> None:
-    """Start the CLI with `args`; SIGKILL it with the local Ray cluster it started once its first trial has
-    logged an epoch (and before that trial has finished)."""
+def interrupt_in_first_trial(args: list[str], cwd: Path, uri: str) -> None:
+    """Start the CLI with `args`; interrupt it (SIGINT, as Ctrl-C or `kill -INT`) once its first trial has
+    logged an epoch (and before that trial has finished): it saves the sweep's state, says how to resume,
+    promotes nothing and exits 130."""
     epochs, finished = epochs_logged(uri), len(finished_runs(uri))
-    log = kill_when(args, cwd, lambda: epochs_logged(uri) > epochs)
+    log = kill_when(args, cwd, lambda: epochs_logged(uri) > epochs, signal.SIGINT)
     assert epochs_logged(uri) > epochs and len(finished_runs(uri)) == finished, log[-3000:]
+    assert "interrupted with 0 of 2 trials finished" in log and "--resume` finishes it" in log, log[-3000:]
+    assert "promotion:" not in log, log[-3000:]
 
 
-def kill_when(args: list[str], cwd: Path, ready, timeout: float = 600) -> str:
+def kill_when(args: list[str], cwd: Path, ready, how: signal.Signals = signal.SIGKILL, timeout: float = 600) -> str:
     """Start the CLI with `args`; once `ready()`, SIGKILL it with everything it started (its process group:
-    the local Ray cluster too); returns what it printed. A CLI that ended before the moment fails the test."""
+    the local Ray cluster too) — or send the CLI alone `how` (SIGINT: it must end by itself, exit 130);
+    returns what it printed. A CLI that ended before the moment fails the test."""
     driver = cli_process(*args, cwd=cwd)
     log = Collected(driver.stdout)
     try:
@@ -212,8 +216,14 @@ def kill_when(args: list[str], cwd: Path, ready, timeout: float = 600) -> str:
         while time.time() < deadline and driver.poll() is None and not ready():
             time.sleep(0.2)
         assert driver.poll() is None, (f"it ended (exit {driver.returncode}) before the moment came", log.text()[-3000:])
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(30)
+        if how == signal.SIGKILL:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(30)
+        else:
+            driver.send_signal(how)
+            assert driver.wait(120) == 130, log.text()[-3000:]
+            with suppress(ProcessLookupError):  # anything of its Ray cluster left behind
+                os.killpg(driver.pid, signal.SIGKILL)
         return log.text()
     finally:
         if driver.poll() is None:

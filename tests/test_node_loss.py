@@ -161,6 +161,11 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
             survivor = next(name for name in ("gpu1", "gpu2") if name != lost)
             assert kill_all_in(net[lost][0]), "nothing ran on the node that trains the trial"
             assert driver.wait(900) == 0, log.text()[-3000:]
+            # The restarted worker's own records, from the survivor's Ray log files (its streamed lines can be
+            # lost when its last epoch is short and the sweep ends right after).
+            survivor_logs = "".join(path.read_text(errors="replace") for path in
+                                    (temp_dir(net[survivor][0])).rglob("*") if path.is_file() and path.suffix in (
+                                        ".log", ".err", ".out"))
         finally:
             (tmp_path / "driver.log").write_text(log.text())  # for a failed run
             if driver.poll() is None:
@@ -171,9 +176,7 @@ def test_a_worker_node_lost_mid_trial_resumes_on_the_other_node(tiny_model, tmp_
     # The scorer gave the short trial's GPU back to the long one, whose worker restarted on that (the other)
     # node from the checkpoint of its last epoch.
     assert "test scorer: freed its GPU share (a trial waits for resources" in text, text[-3000:]
-    resumed = re.findall(rf"RayTrainWorker pid=\d+, ip={re.escape(net[survivor][1])}\).*resumed from \S+ after "
-                         r"epoch [12]", text)
-    assert resumed, text[-3000:]
+    assert re.search(r"resumed from \S+ after epoch [12]", survivor_logs), text[-3000:]
     client = MlflowClient(backend)  # the server's own store (the server itself is gone with the namespaces)
     experiment = client.get_experiment_by_name("quickstart")
     trials = client.search_runs([experiment.experiment_id], "tags.`runner.kind` = 'trial'")

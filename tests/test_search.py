@@ -142,8 +142,8 @@ def test_a_bad_domain_is_named(tmp_path, change, message):
 # --- end to end: a killed Optuna sweep resumes its searcher ----------------------------------------------
 
 @pytest.mark.slow
-def test_a_killed_optuna_sweep_resumes_proposing_what_it_would_have(store):
-    """The store's weak sweep (tests/conftest.py): an Optuna search whose driver was SIGKILLed in its first
+def test_an_interrupted_optuna_sweep_resumes_proposing_what_it_would_have(store):
+    """The store's weak sweep (tests/conftest.py): an Optuna search whose driver was interrupted (SIGINT) in its first
     trial and resumed; the second trial was proposed after the resume."""
     from tests.conftest import SPACE, WEAK
 

@@ -23,9 +23,10 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from runner.config import SweepConfig
-from runner.errors import UserError
+from runner.errors import Interrupted, UserError
 from runner.eval.held_out import WarmScorer
 from runner.sweep import state, storage
+from runner.sweep.tail import ScorerInTail, warm_scorer
 from runner.sweep.trial import (
     DRIVER_CPU,
     HEAD_RESOURCE,
@@ -279,7 +280,10 @@ def search_algorithm(config: SweepConfig, max_concurrent: int):
     return BasicVariantGenerator(random_state=config.trial.seed, max_concurrent=max_concurrent)
 
 
-def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, restore: bool) -> tune.Tuner:
+def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, restore: bool,
+                this_run: list = ()) -> tune.Tuner:
+    """`this_run`: callbacks whose state belongs to this driver process (what it counts, the actor it starts):
+    a restored sweep runs these, never the copies of them pickled with the first run's RunConfig."""
     from runner import console
 
     storage_path = config.storage
@@ -297,7 +301,10 @@ def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, resto
         # quietly printed Tune's tables); Ray 2.60 has no public setter: Tune itself sets the restored
         # config's name and storage_path this way.
         if tuner._local_tuner is not None:  # None through a ray:// client (its tuner runs on the cluster)
-            tuner._local_tuner._run_config.verbose = verbose
+            run_config = tuner._local_tuner._run_config
+            run_config.verbose = verbose
+            run_config.callbacks = [c for c in run_config.callbacks or []
+                                    if not isinstance(c, (Finished, ScorerInTail))] + list(this_run)
         return tuner
     return tune.Tuner(
         trainable,
@@ -305,7 +312,7 @@ def build_tuner(config: SweepConfig, callbacks: list, max_concurrent: int, resto
         tune_config=tune.TuneConfig(
             metric=config.metric, mode=config.mode, scheduler=make_scheduler(config),
             num_samples=config.num_samples, search_alg=search_algorithm(config, max_concurrent)),
-        run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=callbacks,
+        run_config=tune.RunConfig(name=config.name, storage_path=storage_path, callbacks=[*callbacks, *this_run],
                                   verbose=verbose,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -363,7 +370,6 @@ def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command
               hold: LocalClusterHold | None, score_in_tail: bool) -> SweepOutcome:
     from runner import console
     from runner.sweep.progress import SweepProgress
-    from runner.sweep.tail import ScorerInTail, warm_scorer
     from runner.tracking.callback import TrialRuns
     from runner.tracking.client import Tracker, default_tracking_uri
     from runner.tracking.datasets import describe as describe_data
@@ -402,12 +408,35 @@ def run_tuner(config: SweepConfig, *, address: str | None, resume: bool, command
     guard = [storage.StorageGuard(reserved)] if reserved else []
     scorer = warm_scorer(config) if score_in_tail else None
     tail = [ScorerInTail(scorer, trial_count(config))] if scorer else []
-    results = build_tuner(config, [callback, progress, *guard, *tail], max_concurrent, restore=resume).fit()
+    finished = Finished()
+    results = build_tuner(config, [callback, progress, *guard], max_concurrent, restore=resume,
+                          this_run=[*tail, finished]).fit()
     storage.check_not_stopped(config, reserved, command)  # a full disk stopped it: resumable, not ended
+    # Tune returns normally when interrupted (Ctrl-C): nothing after the sweep runs on a part of it. (None: the
+    # callback ran on the cluster, through a ray:// client.)
+    if finished.count is not None and finished.count < trial_count(config):
+        resume_command = command if command.endswith("--resume") else f"{command} --resume"
+        raise Interrupted(f"sweep {config.name} interrupted with {finished.count} of {trial_count(config)} "
+                          f"trials finished; its state is saved: `{resume_command}` finishes it")
     if reserved is not None:
         reserved.unlink()  # the sweep has ended: its reserve is only for its own state while it runs
     callback.end_sweep(failed_trials=sum(result.error is not None for result in results))
     return SweepOutcome(sweep_run_id=sweep_run_id, results=results, scorer=scorer)
+
+
+class Finished(tune.Callback):
+    """How many trials had ended (finished, stopped or failed) at Tune's last step: fewer than the sweep's when it
+    was interrupted. Read at each step, not at the experiment's end: Tune's clean-up after an interrupt stops
+    the running trials, which then count as terminated too."""
+
+    count: int | None = None
+
+    def on_step_end(self, iteration, trials, **info):
+        self.count = sum(trial.is_finished() for trial in trials)
+
+    def on_experiment_end(self, trials, **info):
+        if self.count is None:  # no step ran: a restored sweep whose trials had all ended
+            self.count = sum(trial.is_finished() for trial in trials)
 
 
 def mps_running() -> bool:
