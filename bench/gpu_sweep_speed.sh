@@ -25,9 +25,10 @@ sweep() {  # $1: code tree, $2: name
   echo "sweep $2: rc ${PIPESTATUS[0]}, wall $(( $(date +%s) - began )) s" | tee -a "$OUT/summary.txt"
   kill $smi
   cp /tmp/ray-$2/$2/runner.log "$OUT/runner_$2.log" 2>/dev/null
-  # Where each trial's start went (the workers log to Ray's files only): "first step N s after the trial started".
-  grep -h "first step\|image features:\|quantised\|test scor" /tmp/ray/session_latest/logs/worker-*.err \
-    2>/dev/null | cut -c1-300 > "$OUT/worker_phases_$2.txt"; cat "$OUT/worker_phases_$2.txt"
+  # Where each trial's start went (a Train worker's records are in Ray Train's JSON log files only, docs/TRAPS.md):
+  # "first step N s after the trial started (…)".
+  grep -rh "first step" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-400 > "$OUT/worker_phases_$2.txt"
+  cat "$OUT/worker_phases_$2.txt"
   grep -E "image features:|quantised weights|promotion:|report:|stage|test scor|sweep .*: up to|TERMINATED|ERROR|Error|cast notices" \
     "$OUT/sweep_$2.log" | cut -c1-200 | tail -30
   PYTHONPATH=/tmp/site:$1 python3 bench/sweep_summary.py sqlite:////tmp/mlruns-$2/mlflow.db $2 2>/dev/null \
