@@ -35,7 +35,9 @@ from tests.conftest import MODEL, SPACE, Collected, count, mlflow_server_command
 pytestmark = pytest.mark.slow
 
 SUBNET = "10.213.7"
-SHORT, LONG = 60, 1000  # the two trials' training questions per epoch
+# The two trials' training questions per epoch: the long one trains long enough (3 epochs of ~15 s) to
+# outlast the short one, which may start 10-20 s after it on a busy machine.
+SHORT, LONG = 60, 4000
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

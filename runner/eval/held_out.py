@@ -177,7 +177,7 @@ class TestScorer:
         config = scoring_config(self.folder, None, self.test_max_examples)
         self.remote = bool(self.resources and self.resources.get("gpu")) and ray.is_initialized()
         if self.warm is not None and (actor := self.warm.adopt(config, files)) is not None:
-            self._scorer, self.placement = actor, self.warm.placement
+            self._scorer, self.placement, self.remote = actor, self.warm.placement, True
             log.info("test scoring on %s (loaded during the sweep)", self.placement)
             return
         if self.remote:
